@@ -1,0 +1,175 @@
+"""Per-sample gradient contributions and the norms / clipped sums computed from them.
+
+A layer call contributes to the per-sample gradient of each of its parameters in one of two forms:
+
+* :class:`Factored` -- ``grad_i = sum_t left[i, t] (outer) right[i, t]`` for a 2-D parameter of shape
+  ``(p, d)``. ``left`` is dense ``(B, T, p)`` (Linear: output gradients; GPT-2 Conv1D: inputs) or an
+  index tensor ``(B, T)`` into the ``p`` rows (Embedding: token ids, i.e. a one-hot left factor).
+  ``right`` is dense ``(B, T, d)``. Nothing of size ``B * p * d`` needs to exist.
+* :class:`Dense` -- the per-sample gradient itself, ``(B, *param.shape)``, for small parameters
+  (biases, LayerNorm / RMSNorm weights).
+
+Norms (DESIGN.md section 3; Li et al. 2022, "Large language models can be strong differentially
+private learners", section 4): for one factored contribution
+
+    ||grad_i||_F^2 = sum_{t,s} (left_t . left_s)(right_t . right_s) = <L_i L_i^T, R_i R_i^T>   (ghost norm)
+
+costs O(B T^2 (p + d)); instantiating ``grad_i`` costs O(B T p d). We take the ghost norm when
+``2 T^2 < p d``. A parameter used by several calls (tied embedding / LM head, shared layers) gets the
+norm of the *sum* of its contributions, with cross terms ``2 <G^k_i, G^l_i>`` computed by the same Gram
+trick, so per-sample contributions are summed before the norm, never after.
+
+Clipped sum (book-keeping, Bu et al. 2023, "Differentially private optimization on large model at
+small cost"): with clip factors ``c_i`` known, ``sum_i c_i grad_i = (c * left)^T right`` is one matmul
+over the kept factors, so no second backward pass is needed.
+
+Written by hand because no library exposes ghost norms with tied-weight cross terms and one-pass
+book-keeping over Hugging Face layers (Opacus' fast gradient clipping needs two backward passes and
+covers Linear / Embedding only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Factored:
+    """``grad_i = sum_t left[i,t] (outer) right[i,t]``; see the module docstring."""
+
+    left: Tensor  # (B, T, p) dense or (B, T) long indices into p
+    right: Tensor  # (B, T, d)
+    rows: int  # p, the parameter's first dimension
+
+    @property
+    def indexed(self) -> bool:
+        return not self.left.is_floating_point()
+
+    @property
+    def seq_len(self) -> int:
+        return self.right.shape[1]
+
+
+@dataclass
+class Dense:
+    """Instantiated per-sample gradient ``(B, *param.shape)``."""
+
+    grad: Tensor
+
+
+Contribution = Factored | Dense
+
+
+def _left_gram(x: Factored, y: Factored) -> Tensor:
+    """``(B, Tx, Ty)`` inner products of left factors; one-hot factors need no matmul."""
+    if not x.indexed and not y.indexed:
+        return torch.bmm(x.left, y.left.transpose(1, 2))
+    if x.indexed and y.indexed:
+        return (x.left[:, :, None] == y.left[:, None, :]).to(x.right.dtype)
+    if x.indexed:  # <onehot(x_t), y_s> = y[s, x_t]
+        ids = x.left[:, None, :].expand(-1, y.left.shape[1], -1)  # (B, Ty, Tx)
+        return torch.gather(y.left, 2, ids).transpose(1, 2)
+    return _left_gram(y, x).transpose(1, 2)
+
+
+def _pair_inner(x: Factored, y: Factored) -> Tensor:
+    """``<grad^x_i, grad^y_i>_F`` for every sample i, ``(B,)``, without instantiating either."""
+    return (_left_gram(x, y) * torch.bmm(x.right, y.right.transpose(1, 2))).sum(dim=(1, 2))
+
+
+def instantiate(c: Contribution, shape: torch.Size) -> Tensor:
+    """Per-sample gradient ``(B, *shape)`` of one contribution (O(B p d) memory)."""
+    if isinstance(c, Dense):
+        return c.grad
+    batch, _, d = c.right.shape
+    if c.indexed:
+        # Scatter each row's gradient into sample-offset rows of a (B*p, d) table.
+        offsets = torch.arange(batch, device=c.left.device)[:, None] * c.rows
+        out = c.right.new_zeros(batch * c.rows, d)
+        out.index_add_(0, (c.left + offsets).reshape(-1), c.right.reshape(-1, d))
+        return out.view(batch, *shape)
+    return torch.einsum("btp,btd->bpd", c.left, c.right).reshape(batch, *shape)
+
+
+def sq_norms(contribs: list[Contribution], shape: torch.Size) -> Tensor:
+    """Squared L2 norm ``(B,)`` of each sample's gradient summed over ``contribs`` (same parameter)."""
+    if len(contribs) == 1:
+        c = contribs[0]
+        if isinstance(c, Dense):
+            return c.grad.flatten(1).pow(2).sum(1)
+        rows, cols = shape[0], c.right.shape[-1]
+        if 2 * c.seq_len**2 < rows * cols:
+            return _pair_inner(c, c)
+        return instantiate(c, shape).flatten(1).pow(2).sum(1)
+    dense = [c for c in contribs if isinstance(c, Dense)]
+    factored = [c for c in contribs if isinstance(c, Factored)]
+    if dense and factored:
+        # Mixed forms on one parameter do not occur with the built-in rules; stay exact anyway.
+        total = sum(instantiate(c, shape) for c in contribs)
+        return total.flatten(1).pow(2).sum(1)
+    if dense:
+        return sum(c.grad for c in dense).flatten(1).pow(2).sum(1)
+    total = 0
+    for k, x in enumerate(factored):
+        total = total + _pair_inner(x, x)
+        for y in factored[k + 1 :]:
+            total = total + 2 * _pair_inner(x, y)
+    return total
+
+
+def _indexed_l1(c: Factored) -> Tensor:
+    """Per-sample L1 norm of an embedding gradient: rows hit by the same (sample, id) add first."""
+    batch, _, d = c.right.shape
+    keys = (c.left + torch.arange(batch, device=c.left.device)[:, None] * c.rows).reshape(-1)
+    uniq, inverse = torch.unique(keys, return_inverse=True)
+    rows = c.right.new_zeros(uniq.numel(), d).index_add_(0, inverse, c.right.reshape(-1, d))
+    out = c.right.new_zeros(batch)
+    return out.index_add_(0, torch.div(uniq, c.rows, rounding_mode="floor"), rows.abs().sum(1))
+
+
+def l1_norms(contribs: list[Contribution], shape: torch.Size, *, chunk: int = 8) -> Tensor:
+    """Per-sample L1 norm ``(B,)`` of the gradient summed over ``contribs`` (standard Laplace).
+
+    L1 norms have no Gram form, so per-sample gradients are instantiated, ``chunk`` samples at a time
+    to bound memory (exact, slower: DESIGN.md section 1).
+    """
+    if len(contribs) == 1 and isinstance(contribs[0], Factored) and contribs[0].indexed:
+        return _indexed_l1(contribs[0])
+    batch = _batch_size(contribs[0])
+    out = []
+    for start in range(0, batch, chunk):
+        part = [_slice(c, start, start + chunk) for c in contribs]
+        total = sum(instantiate(c, shape) for c in part)
+        out.append(total.flatten(1).abs().sum(1))
+    return torch.cat(out)
+
+
+def clipped_sum(contribs: list[Contribution], factors: Tensor, shape: torch.Size) -> Tensor:
+    """``sum_i factors_i * grad_i`` summed over ``contribs``: book-keeping, one matmul per contribution."""
+    total = None
+    for c in contribs:
+        if isinstance(c, Dense):
+            part = torch.tensordot(factors.to(c.grad.dtype), c.grad, dims=1)
+        else:
+            d = c.right.shape[-1]
+            scaled = c.right * factors.to(c.right.dtype)[:, None, None]  # (B, T, d)
+            if c.indexed:
+                part = scaled.new_zeros(c.rows, d).index_add_(0, c.left.reshape(-1), scaled.reshape(-1, d))
+            else:
+                part = c.left.reshape(-1, c.rows).t() @ scaled.reshape(-1, d)  # (p, d)
+            part = part.view(shape)
+        total = part if total is None else total + part
+    return total
+
+
+def _batch_size(c: Contribution) -> int:
+    return c.grad.shape[0] if isinstance(c, Dense) else c.right.shape[0]
+
+
+def _slice(c: Contribution, start: int, stop: int) -> Contribution:
+    if isinstance(c, Dense):
+        return Dense(c.grad[start:stop])
+    return Factored(c.left[start:stop], c.right[start:stop], c.rows)

@@ -1,0 +1,295 @@
+"""Per-layer rules: how a trainable layer's forward is tapped and what it contributes per sample.
+
+Each rule replaces one module instance's ``forward`` (restored on detach) while the engine is attached.
+While capturing, the replacement runs the layer through an ``autograd.Function`` whose backward
+
+* returns the gradient of the layer *input* (so backpropagation continues exactly as before), and
+* returns **no** gradient for the layer's parameters -- autograd never forms the unclipped sum --
+  and instead hands ``(kept input, output gradient)`` to the engine as per-sample contributions.
+
+So a training step costs one forward and one backward, and the weight-gradient matmul that autograd
+would have done is done once, on clipped factors (book-keeping). Outside capture (evaluation, plain
+inference) the original forward runs untouched.
+
+Rules (DESIGN.md section 3): ``nn.Linear`` and peft LoRA matrices (which are ``nn.Linear``),
+transformers' GPT-2 ``Conv1D``, ``nn.Embedding`` (word, position and token-type embeddings; position
+ids broadcast over the batch are expanded so that each sample keeps its own gradient), and small
+element-wise modules (``nn.LayerNorm``, ``nn.RMSNorm`` and RMSNorm-style classes such as
+``LlamaRMSNorm``), whose per-sample gradients are instantiated with ``torch.func`` (vmap of grad).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .contributions import Contribution, Dense, Factored
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import GradClipper
+
+
+def _flat(t: Tensor, batch: int, where: str) -> Tensor:
+    """View ``(B, *, k)`` as ``(B, T, k)``; the batch must be the leading dimension."""
+    if t.dim() < 2 or t.shape[0] != batch:
+        raise RuntimeError(
+            f"{where}: expected a tensor with the batch ({batch}) as first dimension, got shape "
+            f"{tuple(t.shape)}; per-sample clipping needs the batch dimension first"
+        )
+    return t.reshape(batch, -1, t.shape[-1])
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, tap):
+        ctx.tap = tap
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # Under autocast the output gradient can be bf16 while the weight is fp32.
+            grad_x = grad_out.matmul(weight.to(grad_out.dtype)).to(x.dtype)
+        ctx.tap.backward(x, grad_out)
+        return grad_x, None, None, None
+
+
+class _Conv1DFn(torch.autograd.Function):
+    """transformers' Conv1D: ``y = x @ W + b`` with ``W`` of shape ``(in, out)``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, tap):
+        ctx.tap = tap
+        ctx.save_for_backward(x, weight)
+        return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.matmul(weight.to(grad_out.dtype).t()).to(x.dtype)
+        ctx.tap.backward(x, grad_out)
+        return grad_x, None, None, None
+
+
+class _EmbeddingFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, tap):
+        ctx.tap = tap
+        ctx.save_for_backward(ids)
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        ctx.tap.backward(ids, grad_out)
+        return None, None, None, None
+
+
+class _TapFn(torch.autograd.Function):
+    """Identity on ``y`` that hands ``dL/dy`` to the tap (used for element-wise modules)."""
+
+    @staticmethod
+    def forward(ctx, y, kept, tap, *params):
+        ctx.tap, ctx.kept = tap, kept
+        return y.clone()  # a fresh tensor, so later in-place ops on the output stay legal
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ctx.tap.backward(ctx.kept, grad_out)
+        ctx.kept = None
+        return (grad_out, None, None) + (None,) * ctx.tap.num_params
+
+
+class Tap:
+    """One hooked module: counts its calls and turns ``(input, output grad)`` into contributions."""
+
+    rule: str = ""
+
+    def __init__(self, engine: "GradClipper", name: str, module: nn.Module):
+        self.engine = engine
+        self.name = name
+        self.module = module
+        self.params: dict[str, nn.Parameter] = {
+            n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad
+        }
+        self.num_params = len(self.params)
+        self._orig_forward = module.__dict__.get("forward")
+        self._busy = False  # True while the rule itself calls the original forward
+
+    # -- installation ------------------------------------------------------------------------------
+    def install(self) -> None:
+        original = self.module.forward
+
+        def forward(*args, **kwargs):
+            if self.engine.capturing and torch.is_grad_enabled() and not self._busy:
+                self.engine._on_forward(self)
+                return self.tapped_forward(*args, **kwargs)
+            return original(*args, **kwargs)
+
+        self.module.forward = forward
+
+    def remove(self) -> None:
+        if self._orig_forward is None:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.forward = self._orig_forward
+
+    # -- per rule ----------------------------------------------------------------------------------
+    def tapped_forward(self, *args, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def contributions(self, kept: Tensor | None, grad_out: Tensor) -> dict[nn.Parameter, Contribution]:
+        raise NotImplementedError  # pragma: no cover
+
+    def backward(self, kept: Tensor | None, grad_out: Tensor) -> None:
+        self.engine._on_backward(self, self.contributions(kept, grad_out))
+
+
+class LinearTap(Tap):
+    rule = "linear"
+
+    def tapped_forward(self, x):
+        m = self.module
+        return _LinearFn.apply(x, m.weight, m.bias, self)
+
+    def contributions(self, x, g):
+        batch = self.engine.batch_size
+        g = _flat(g, batch, self.name)
+        out: dict[nn.Parameter, Contribution] = {}
+        w, b = self.module.weight, self.module.bias
+        dtype = self.engine.compute_dtype(g)
+        g = g.to(dtype)
+        if w.requires_grad:
+            out[w] = Factored(g, _flat(x, batch, self.name).to(dtype), w.shape[0])
+        if b is not None and b.requires_grad:
+            out[b] = Dense(g.sum(1))
+        return out
+
+
+class Conv1DTap(Tap):
+    rule = "conv1d"
+
+    def tapped_forward(self, x):
+        m = self.module
+        return _Conv1DFn.apply(x, m.weight, m.bias, self)
+
+    def contributions(self, x, g):
+        batch = self.engine.batch_size
+        dtype = self.engine.compute_dtype(g)
+        g = _flat(g, batch, self.name).to(dtype)
+        out: dict[nn.Parameter, Contribution] = {}
+        w, b = self.module.weight, self.module.bias
+        if w.requires_grad:
+            out[w] = Factored(_flat(x, batch, self.name).to(dtype), g, w.shape[0])
+        if b.requires_grad:
+            out[b] = Dense(g.sum(1))
+        return out
+
+
+class EmbeddingTap(Tap):
+    rule = "embedding"
+
+    def __init__(self, engine, name, module):
+        super().__init__(engine, name, module)
+        if module.max_norm is not None or module.sparse:
+            raise TypeError(
+                f"{name}: nn.Embedding with max_norm or sparse=True is not supported under DP "
+                "(max_norm rewrites the weight in the forward pass)"
+            )
+
+    def tapped_forward(self, ids):
+        batch = self.engine.batch_size
+        if ids.dim() >= 2 and ids.shape[0] == 1 and batch > 1:
+            # Position ids of shape (1, T) are broadcast over the batch by the caller; expanding
+            # them gives the same output but keeps one gradient per sample.
+            ids = ids.expand(batch, *ids.shape[1:])
+        return _EmbeddingFn.apply(ids, self.module.weight, self.module.padding_idx, self)
+
+    def contributions(self, ids, g):
+        batch = self.engine.batch_size
+        if ids.dim() < 2 or ids.shape[0] != batch:
+            raise RuntimeError(f"{self.name}: embedding ids of shape {tuple(ids.shape)} lack the batch dimension")
+        g = _flat(g, batch, self.name).to(self.engine.compute_dtype(g))
+        w = self.module.weight
+        return {w: Factored(ids.reshape(batch, -1), g, w.shape[0])}
+
+
+class ElementwiseTap(Tap):
+    """Small per-sample modules (LayerNorm, RMSNorm): instantiate with ``torch.func``.
+
+    The forward runs with detached parameters (autograd still differentiates the input), the output
+    gradient is taken by ``_TapFn``, and per-sample parameter gradients are ``vmap(grad(f))`` of
+    ``f(params, x_i) = <module(x_i; params), g_i>`` -- exact for any module that treats samples
+    independently.
+    """
+
+    rule = "elementwise"
+
+    def _call(self, params, x):
+        self._busy = True
+        try:
+            return torch.func.functional_call(self.module, params, (x,))
+        finally:
+            self._busy = False
+
+    def tapped_forward(self, x):
+        y = self._call({n: p.detach() for n, p in self.params.items()}, x)
+        return _TapFn.apply(y, x.detach(), self, *self.params.values())
+
+    def contributions(self, x, g):
+        params = {n: p.detach() for n, p in self.params.items()}
+        dtype = self.engine.compute_dtype(g)
+
+        def inner(ps, xi, gi):
+            yi = self._call(ps, xi.unsqueeze(0))
+            return (yi.to(dtype) * gi.unsqueeze(0).to(dtype)).sum()
+
+        with torch.enable_grad():
+            grads = torch.func.vmap(torch.func.grad(inner), in_dims=(None, 0, 0))(params, x, g)
+        return {self.params[n]: Dense(grads[n].to(dtype)) for n in self.params}
+
+
+def _elementwise_class(module: nn.Module) -> bool:
+    cls = type(module)
+    if isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+        return cls.forward in (nn.LayerNorm.forward, getattr(nn, "RMSNorm", nn.LayerNorm).forward)
+    return cls.__name__.endswith("RMSNorm") and {n for n, _ in module.named_parameters(recurse=False)} <= {
+        "weight",
+        "bias",
+    }
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        return None
+    return Conv1D
+
+
+def rule_for(module: nn.Module) -> Callable[..., Tap] | None:
+    """The tap class for ``module``, or None when no rule covers it.
+
+    Subclasses qualify only if they keep the base class's ``forward``: an overridden forward may use
+    the parameters differently (``nn.MultiheadAttention``'s ``out_proj`` is a ``Linear`` whose forward
+    is never called), and a rule that silently mis-describes a layer would break the guarantee.
+    """
+    cls = type(module)
+    if isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward:
+        return LinearTap
+    if isinstance(module, nn.Embedding) and cls.forward is nn.Embedding.forward:
+        return EmbeddingTap
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d) and cls.forward is conv1d.forward:
+        return Conv1DTap
+    if _elementwise_class(module):
+        return ElementwiseTap
+    return None
