@@ -1,0 +1,76 @@
+"""Tiny random models and batches built in the tests (nothing is downloaded)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 100
+
+
+def tiny_model(arch: str, *, num_labels: int = 2, tie: bool = True):
+    """A 2-layer random model of family ``arch`` with dropout off (so loops are deterministic)."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4)
+    drop = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if arch == "bert":
+        cfg = BertConfig(hidden_size=32, intermediate_size=64, max_position_embeddings=64, num_labels=num_labels, **common, **drop)
+        return BertForSequenceClassification(cfg)
+    if arch == "roberta":
+        cfg = RobertaConfig(hidden_size=32, intermediate_size=64, max_position_embeddings=64, pad_token_id=1,
+                            num_labels=num_labels, **common, **drop)
+        return RobertaForSequenceClassification(cfg)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie)
+        return GPT2LMHeadModel(cfg)
+    if arch == "llama":
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_key_value_heads=2, tie_word_embeddings=tie,
+                          bos_token_id=0, eos_token_id=0, pad_token_id=0, **common)
+        return LlamaForCausalLM(cfg)
+    raise ValueError(arch)
+
+
+def padded_batch(batch_size: int = 4, seq_len: int = 9, *, pad: int = 0, seed: int = 0):
+    """Right-padded ids of different lengths (seq_len, seq_len-2, ...), labels in {0, 1}."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch_size, seq_len), generator=gen)
+    mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+    for i in range(batch_size):
+        length = max(2, seq_len - 2 * i)
+        mask[i, length:] = 0
+        ids[i, length:] = pad
+    labels = torch.randint(0, 2, (batch_size,), generator=gen)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def per_example_loss(model, batch):
+    """(B,) summed-per-example loss: classification CE, or next-token CE summed over real tokens."""
+    import torch.nn.functional as F
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    out = model(input_ids=ids, attention_mask=mask)
+    if out.logits.dim() == 2:
+        return F.cross_entropy(out.logits, batch["labels"], reduction="none")
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    tok = F.cross_entropy(out.logits[:, :-1].transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    return tok.sum(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
