@@ -74,3 +74,37 @@ def per_example_loss(model, batch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+WORDS = [f"w{i}" for i in range(VOCAB - 5)]
+
+
+def tiny_tokenizer(pad_token: str = "[PAD]"):
+    """A word-level fast tokenizer over VOCAB ids, built in memory (no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+    )
+
+
+def toy_dataset(n: int = 64, *, seed: int = 0, max_len: int = 12):
+    """Sentences of random words, label = whether word w0..w9 appears (learnable), tokenized."""
+    import random
+
+    import datasets
+
+    rng = random.Random(seed)
+    tok = tiny_tokenizer()
+    rows = {"text": [], "label": []}
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(2, max_len))]
+        rows["text"].append(" ".join(words))
+        rows["label"].append(int(any(w in WORDS[:10] for w in words)))
+    ds = datasets.Dataset.from_dict(rows)
+    return ds.map(lambda b: tok(b["text"]), batched=True), tok

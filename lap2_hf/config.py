@@ -1,0 +1,136 @@
+"""Privacy-aware training arguments: ``Lap2TrainingArguments`` extends ``transformers.TrainingArguments``.
+
+Replacing ``TrainingArguments`` by ``Lap2TrainingArguments`` (and ``Trainer`` by ``Lap2Trainer``) is all
+an existing Hugging Face pipeline changes. Settings that would break the guarantee or clip twice are
+refused here, before any training, with the setting to use instead.
+
+``per_device_train_batch_size`` keeps its HF meaning of *physical* batch (memory only); the privacy
+batch is ``dp_expected_batch_size`` (sets the Poisson rate q = B / N).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .mechanisms import MECHANISMS
+
+TASKS = ("auto", "sequence_classification", "causal_lm", "token_classification")
+
+
+@dataclass(frozen=True)
+class PrivacyArguments:
+    """The privacy half of :class:`Lap2TrainingArguments`, validated (a frozen record for logs/checkpoints)."""
+
+    mechanism: str = "lap2"
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    delta: float | None = None
+    clip_norm: float = 1.0
+    expected_batch_size: int = 256
+    seed: int | None = None
+    task: str = "auto"
+
+    def __post_init__(self):
+        m = self.mechanism
+        if m not in MECHANISMS:
+            raise ValueError(f"dp_mechanism must be one of {MECHANISMS}, got {m!r}")
+        if m == "none":
+            if self.target_epsilon is not None or self.noise_multiplier is not None:
+                raise ValueError(
+                    "dp_mechanism='none' trains without privacy: do not set dp_target_epsilon "
+                    f"({self.target_epsilon!r}) or dp_noise_multiplier ({self.noise_multiplier!r})"
+                )
+        else:
+            if (self.target_epsilon is None) == (self.noise_multiplier is None):
+                raise ValueError(
+                    f"dp_mechanism={m!r} needs exactly one of dp_target_epsilon (calibrate the noise) or "
+                    f"dp_noise_multiplier (sigma or b/C); got dp_target_epsilon={self.target_epsilon!r}, "
+                    f"dp_noise_multiplier={self.noise_multiplier!r}"
+                )
+            if self.target_epsilon is not None and not _positive_finite(self.target_epsilon):
+                raise ValueError(f"dp_target_epsilon must be a positive finite number, got {self.target_epsilon!r}")
+            if self.noise_multiplier is not None and not _positive_finite(self.noise_multiplier):
+                raise ValueError(f"dp_noise_multiplier must be a positive finite number, got {self.noise_multiplier!r}")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ValueError(f"dp_delta must be in (0, 1), got {self.delta!r}")
+        if not _positive_finite(self.clip_norm):
+            raise ValueError(f"dp_clip_norm must be a positive finite number, got {self.clip_norm!r}")
+        if not isinstance(self.expected_batch_size, int) or self.expected_batch_size < 1:
+            raise ValueError(f"dp_expected_batch_size must be a positive integer, got {self.expected_batch_size!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"dp_seed must be a non-negative integer or None, got {self.seed!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"dp_task must be one of {TASKS}, got {self.task!r}")
+
+
+def _positive_finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < float("inf")
+
+
+@dataclass
+class Lap2TrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus differential privacy (DP-SGD with Poisson sampling)."""
+
+    dp_mechanism: str = field(
+        default="lap2",
+        metadata={"help": "Noise mechanism: 'lap2' (L2 clip + Laplace noise), 'gaussian', 'laplace' (L1 clip), or 'none' (non-private baseline).", "choices": list(MECHANISMS)},
+    )
+    dp_target_epsilon: float | None = field(
+        default=None, metadata={"help": "Target epsilon: the noise is calibrated so that the whole run spends at most this. Exclusive with dp_noise_multiplier."}
+    )
+    dp_noise_multiplier: float | None = field(
+        default=None, metadata={"help": "Explicit noise: sigma (gaussian) or b/C (laplace, lap2). Exclusive with dp_target_epsilon."}
+    )
+    dp_delta: float | None = field(
+        default=None, metadata={"help": "delta of (epsilon, delta)-DP. Must be < 1/N; default 1/(2N)."}
+    )
+    dp_clip_norm: float = field(default=1.0, metadata={"help": "Per-sample clipping bound C (L2 norm; L1 for 'laplace')."})
+    dp_expected_batch_size: int = field(
+        default=256, metadata={"help": "Expected logical batch size B; each example is sampled with probability q = B/N per step. per_device_train_batch_size is the physical (memory) batch."}
+    )
+    dp_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of Poisson sampling and noise. None (default) draws a secret seed from os.urandom. A fixed seed makes runs reproducible, but anyone who knows it can recompute the noise: keep it secret."},
+    )
+    dp_task: str = field(
+        default="auto", metadata={"help": "Per-example loss: 'auto' (from the model class), 'sequence_classification', 'causal_lm', 'token_classification'.", "choices": list(TASKS)}
+    )
+    # Global clipping on top of per-sample clipping changes the mechanism (DESIGN.md section 7).
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Must stay 0 under DP: per-sample clipping is dp_clip_norm."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.privacy = PrivacyArguments(
+            mechanism=self.dp_mechanism,
+            target_epsilon=self.dp_target_epsilon,
+            noise_multiplier=self.dp_noise_multiplier,
+            delta=self.dp_delta,
+            clip_norm=self.dp_clip_norm,
+            expected_batch_size=self.dp_expected_batch_size,
+            seed=self.dp_seed,
+            task=self.dp_task,
+        )
+        self._refuse_unsafe_settings()
+
+    def _refuse_unsafe_settings(self) -> None:
+        refuse = []
+        if self.max_grad_norm not in (0, 0.0, None):
+            refuse.append(f"max_grad_norm={self.max_grad_norm}: global clipping on top of per-sample clipping; set max_grad_norm=0 and use dp_clip_norm")
+        if self.gradient_accumulation_steps != 1:
+            refuse.append(f"gradient_accumulation_steps={self.gradient_accumulation_steps}: logical batches are set by dp_expected_batch_size and split into physical chunks of per_device_train_batch_size; set gradient_accumulation_steps=1")
+        if self.gradient_checkpointing:
+            refuse.append("gradient_checkpointing=True: recomputed forwards would be recorded twice by the clipping hooks; set gradient_checkpointing=False")
+        if getattr(self, "label_smoothing_factor", 0):
+            refuse.append(f"label_smoothing_factor={self.label_smoothing_factor}: not applied by the per-example loss; set it to 0")
+        if getattr(self, "neftune_noise_alpha", None):
+            refuse.append("neftune_noise_alpha: embedding noise hooks conflict with per-sample clipping; unset it")
+        if getattr(self, "torch_compile", False):
+            refuse.append("torch_compile=True: not supported with the clipping hooks; set torch_compile=False")
+        if getattr(self, "deepspeed", None) or getattr(self, "fsdp", None):
+            refuse.append("deepspeed/fsdp: sharded parameters are not supported by per-sample clipping; use plain data parallel (accelerate launch)")
+        if getattr(self, "auto_find_batch_size", False):
+            refuse.append("auto_find_batch_size=True: set per_device_train_batch_size (physical) explicitly")
+        if refuse:
+            raise ValueError("Lap2TrainingArguments: these settings would break the privacy guarantee or are unsupported under DP:\n  - " + "\n  - ".join(refuse))
