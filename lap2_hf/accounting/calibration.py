@@ -1,0 +1,172 @@
+"""ε for a training configuration, and the inverse: the smallest noise that meets a target ε."""
+
+from __future__ import annotations
+
+import math
+
+from .events import (
+    PoissonSampledEvent,
+    _check_count,
+    _check_delta,
+    _check_epsilon,
+    _check_mechanism,
+    _check_positive_finite,
+    _check_sample_rate,
+    make_event,
+)
+from .rdp import DEFAULT_ORDERS, _validate_orders, compute_rdp, rdp_to_epsilon
+
+__all__ = ["calibrate_noise", "epsilon_for", "steps_for_epochs", "noise_scale", "NOISE_MIN", "NOISE_MAX"]
+
+#: Search range for the noise (σ or b/C). Above NOISE_MAX a target is reported as unreachable:
+#: a noise a million times the clipping norm drowns any signal and usually means ε or δ is mistyped.
+NOISE_MIN = 1e-6
+NOISE_MAX = 1e6
+
+
+def steps_for_epochs(*, epochs, sample_rate, num_examples=None) -> int:
+    """Number of logical batches for ``epochs`` passes under Poisson sampling: T = ceil(epochs / q).
+
+    With N examples and rate q the expected batch size is qN, so the expected number of batches is
+    epochs · N / (qN) = epochs / q, independent of N. Rounding up is conservative (one more step can
+    only increase ε). A ratio within 1e-9 of an integer is taken as that integer so that e.g.
+    epochs = 3, q = 0.03 gives 100 steps, not 101 because of float rounding. ``num_examples``, if
+    given, is only validated (an integer >= 1).
+    """
+    e = _check_positive_finite("epochs", epochs)
+    q = _check_sample_rate(sample_rate)
+    if num_examples is not None:
+        _check_count(num_examples, "num_examples")
+    ratio = e / q
+    nearest = round(ratio)
+    if nearest >= 1 and abs(ratio - nearest) <= 1e-9 * nearest:
+        return int(nearest)
+    return max(1, math.ceil(ratio))
+
+
+def noise_scale(*, noise, clip_norm) -> float:
+    """Absolute noise scale from the relative one: σ·C (Gaussian std) or (b/C)·C = b (Laplace scale)."""
+    n = _check_positive_finite("noise", noise)
+    c = _check_positive_finite("clip_norm", clip_norm)
+    return n * c
+
+
+def _resolve_steps(steps, epochs, sample_rate, num_examples) -> int:
+    if (steps is None) == (epochs is None):
+        raise ValueError(
+            f"give exactly one of steps or epochs (got steps={steps!r}, epochs={epochs!r})"
+        )
+    if steps is not None:
+        if num_examples is not None:
+            _check_count(num_examples, "num_examples")
+        return _check_count(steps, "steps")
+    return steps_for_epochs(epochs=epochs, sample_rate=sample_rate, num_examples=num_examples)
+
+
+def _epsilon(mechanism, noise, dim, sample_rate, steps, delta, orders):
+    event = PoissonSampledEvent(sample_rate, make_event(mechanism, noise=noise, dim=dim))
+    return rdp_to_epsilon(steps * compute_rdp(event, orders=orders), orders=orders, delta=delta)
+
+
+def epsilon_for(*, mechanism, noise, delta, sample_rate, steps, dim=None, orders=DEFAULT_ORDERS) -> tuple[float, int]:
+    """(ε, optimal order) after ``steps`` Poisson-sampled steps of ``mechanism`` at ``noise``.
+
+    T-fold RDP composition of the per-step bound of DESIGN.md §2 (rdp.py), converted with Balle et
+    al. 2020; an upper bound because each ingredient is. ``noise`` is σ (gaussian) or b/C
+    (laplace, lap2); ``dim`` = n is required for lap2.
+    """
+    mechanism = _check_mechanism(mechanism)
+    noise = _check_positive_finite("noise", noise)
+    delta = _check_delta(delta)
+    q = _check_sample_rate(sample_rate)
+    steps = _check_count(steps, "steps")
+    orders = _validate_orders(orders)
+    return _epsilon(mechanism, noise, dim, q, steps, delta, orders)
+
+
+def calibrate_noise(
+    *,
+    mechanism,
+    target_epsilon,
+    delta,
+    sample_rate,
+    steps=None,
+    epochs=None,
+    num_examples=None,
+    dim=None,
+    orders=DEFAULT_ORDERS,
+    tol=1e-6,
+) -> float:
+    """Smallest noise (σ for gaussian, b/C for laplace/lap2), up to relative ``tol``, with ε ≤ target.
+
+    ε(noise) from :func:`epsilon_for` is non-increasing in the noise (every per-order RDP is), so we
+    bracket by doubling/halving from 1 and bisect on log(noise) until log(hi/lo) ≤ tol. The upper
+    (conservative) end is returned, whose ε has been evaluated and is ≤ target: calibration can never
+    return an under-noised mechanism. Exactly one of ``steps`` or ``epochs`` (→ ceil(epochs / q),
+    see :func:`steps_for_epochs`). Raises ValueError if even noise NOISE_MAX misses the target.
+    If the target is so loose that noise NOISE_MIN already meets it, a noise below 2·NOISE_MIN that
+    meets it is returned.
+    """
+    mechanism = _check_mechanism(mechanism)
+    target = _check_epsilon(target_epsilon, "target_epsilon")
+    delta = _check_delta(delta)
+    q = _check_sample_rate(sample_rate)
+    steps = _resolve_steps(steps, epochs, q, num_examples)
+    if dim is not None or mechanism == "lap2":
+        make_event(mechanism, noise=1.0, dim=dim)  # validates dim / its presence up front
+    orders = _validate_orders(orders)
+    tol = float(tol)
+    if not (0.0 < tol < 1.0):
+        raise ValueError(f"tol must be in (0, 1), got {tol!r}")
+
+    def eps(x: float) -> float:
+        return _epsilon(mechanism, x, dim, q, steps, delta, orders)[0]
+
+    # Invariant once bracketed: eps(lo) > target >= eps(hi), both floats actually evaluated.
+    lo = hi = None
+    x = 1.0
+    if eps(x) <= target:
+        hi = x
+        while lo is None:
+            x = hi / 2.0
+            if x < NOISE_MIN:
+                # Target so loose that (almost) no noise is needed; hi meets it and is < 2·NOISE_MIN.
+                return _checked(hi, eps, target)
+            if eps(x) <= target:
+                hi = x
+            else:
+                lo = x
+    else:
+        lo = x
+        while hi is None:
+            x = min(lo * 2.0, NOISE_MAX)
+            e = eps(x)
+            if e <= target:
+                hi = x
+            elif x >= NOISE_MAX:
+                raise ValueError(
+                    f"target_epsilon={target!r} is unreachable for mechanism={mechanism!r} "
+                    f"(delta={delta!r}, sample_rate={q!r}, steps={steps}, dim={dim!r}): tried noise from 1 "
+                    f"up to {NOISE_MAX:g} and epsilon there is still {e:.6g}"
+                )
+            else:
+                lo = x
+
+    while math.log(hi) - math.log(lo) > tol:
+        mid = math.sqrt(lo) * math.sqrt(hi)  # geometric midpoint = bisection on log(noise)
+        if not (lo < mid < hi):
+            break  # adjacent floats: cannot refine further
+        if eps(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return _checked(hi, eps, target)
+
+
+def _checked(noise: float, eps, target: float) -> float:
+    # hi was already evaluated, so this re-check costs one ε and guards the contract against future
+    # edits of the search; not an `assert`, which `python -O` would strip.
+    achieved = eps(noise)
+    if not achieved <= target:
+        raise RuntimeError(f"calibration bug: noise {noise!r} gives epsilon {achieved!r} > target {target!r}")
+    return noise
