@@ -1,0 +1,70 @@
+"""Poisson sampler: inclusion rate, independence across steps, disjoint shards whose union is the 1-process batch."""
+
+import math
+
+import pytest
+
+from lap2_hf.sampling import LogicalBatch, PoissonBatchSampler, steps_per_epoch
+
+
+def test_steps_per_epoch_matches_paper_setting():
+    assert steps_per_epoch(num_examples=67349, expected_batch_size=1024) * 3 == 198
+
+
+def test_inclusion_frequency_is_q():
+    n, q, steps = 200, 0.1, 500
+    s = PoissonBatchSampler(num_examples=n, sample_rate=q, steps=steps, seed=5)
+    sizes = [len(b) for b in s]
+    counts = [0] * n
+    for b in PoissonBatchSampler(num_examples=n, sample_rate=q, steps=steps, seed=5):
+        for i in b:
+            counts[i] += 1
+    mean = sum(sizes) / steps
+    # |B| ~ Binomial(N, q): mean N q = 20, sd of the average over 500 steps = sqrt(Nq(1-q)/500) = 0.19.
+    assert abs(mean - n * q) < 6 * math.sqrt(n * q * (1 - q) / steps)
+    assert len(set(sizes)) > 5  # the batch size is random, not fixed
+    # Per-example frequency: each count ~ Binomial(500, 0.1), sd 6.7.
+    assert all(abs(c - steps * q) < 6 * math.sqrt(steps * q * (1 - q)) for c in counts)
+
+
+def test_empty_batches_are_yielded():
+    s = PoissonBatchSampler(num_examples=10, sample_rate=0.01, steps=50, seed=0)
+    batches = list(s)
+    assert len(batches) == 50 and any(b == [] for b in batches)
+
+
+def test_epochs_differ_and_seed_reproduces():
+    s = PoissonBatchSampler(num_examples=100, sample_rate=0.3, steps=3, seed=1)
+    e0 = list(s)
+    assert list(s) == e0
+    s.set_epoch(1)
+    assert list(s) != e0
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_are_disjoint_and_union_is_single_process_batch(world):
+    single = list(PoissonBatchSampler(num_examples=101, sample_rate=0.2, steps=20, seed=9))
+    shards = [list(PoissonBatchSampler(num_examples=101, sample_rate=0.2, steps=20, seed=9, world_size=world, rank=r))
+              for r in range(world)]
+    for step, batch in enumerate(single):
+        parts = [set(sh[step]) for sh in shards]
+        assert sum(len(p) for p in parts) == len(batch)  # nothing repeated
+        assert set().union(*parts) == set(batch)  # nothing dropped
+
+
+def test_physical_chunks_sorted_and_complete():
+    feats = [{"input_ids": [0] * n, "i": i} for i, n in enumerate([5, 1, 9, 3, 7])]
+    chunks = LogicalBatch(feats).physical_chunks(2)
+    assert [len(c) for c in chunks] == [2, 2, 1]
+    flat = [f["i"] for c in chunks for f in c]
+    assert sorted(flat) == list(range(5))
+    assert [len(f["input_ids"]) for c in chunks for f in c] == [1, 3, 5, 7, 9]
+    assert LogicalBatch([]).physical_chunks(4) == []
+
+
+def test_bad_arguments():
+    for kw, msg in [({"num_examples": 0}, "num_examples"), ({"sample_rate": 0.0}, "sample_rate"),
+                    ({"sample_rate": 1.5}, "sample_rate"), ({"steps": 0}, "steps"), ({"rank": 2}, "rank")]:
+        args = dict(num_examples=10, sample_rate=0.5, steps=1, seed=0, world_size=2, rank=0) | kw
+        with pytest.raises(ValueError, match=msg):
+            PoissonBatchSampler(**args)
