@@ -1,0 +1,139 @@
+"""scripts/finetune.py: YAML configs, overrides, strict keys, data checks, an end-to-end run on a tiny RoBERTa."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import WORDS, tiny_model, tiny_tokenizer
+from lap2_hf.data import DataConfig, load_raw
+from lap2_hf.run_config import parse_overrides, resolve
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A saved tiny RoBERTa + tokenizer and local TSV files in GLUE format."""
+    import random
+
+    model_dir = tmp_path / "model"
+    tiny_model("roberta").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    rng = random.Random(0)
+    for split, n in (("train", 60), ("dev", 20)):
+        with open(tmp_path / f"{split}.tsv", "w") as fh:
+            fh.write("sentence\tlabel\n")
+            for _ in range(n):
+                words = [rng.choice(WORDS) for _ in range(rng.randint(2, 8))]
+                fh.write(f"{' '.join(words)} \t{int(any(w in WORDS[:10] for w in words))}\n")
+    cfg = {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train_file": str(tmp_path / "train.tsv"), "validation_file": str(tmp_path / "dev.tsv"), "max_length": 16},
+        "privacy": {"mechanism": "lap2", "target_epsilon": 2.0, "clip_norm": 0.5, "expected_batch_size": 20, "seed": 1},
+        "training": {"num_train_epochs": 2, "learning_rate": 1e-3, "per_device_train_batch_size": 8, "use_cpu": True,
+                     "disable_tqdm": True, "output_dir": str(tmp_path / "out")},
+        "run": {"name": "tiny", "results_dir": str(tmp_path / "results")},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return tmp_path, path
+
+
+def test_end_to_end_writes_results(tiny_run):
+    from lap2_hf.finetune import main
+
+    tmp, cfg = tiny_run
+    summary = main(["--config", str(cfg), "--privacy.target_epsilon", "3.0"])
+    out = tmp / "results" / "tiny"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epsilon_spent"] <= 3.0 and metrics["epsilon_spent"] > 2.9
+    assert metrics["target_epsilon"] == 3.0 and metrics["steps_taken"] == metrics["steps_planned"] == 6
+    assert 0 <= metrics["eval_accuracy"] <= 1 and len(metrics["evaluations"]) == 2
+    assert metrics["delta"] == pytest.approx(1 / 120)
+    assert yaml.safe_load((out / "config.yaml").read_text())["privacy"]["target_epsilon"] == 3.0
+    assert "--privacy.target_epsilon 3.0" in (out / "command.txt").read_text()
+    assert summary["noised_coordinates"] > 0
+
+
+def test_lora_run(tiny_run):
+    from lap2_hf.finetune import main
+
+    tmp, cfg = tiny_run
+    summary = main(["--config", str(cfg), "--model.lora", "{r: 2, target_modules: [query, value]}", "--run.name", "lora"])
+    full = sum(p.numel() for p in tiny_model("roberta").parameters())
+    assert 0 < summary["noised_coordinates"] < full / 4
+
+
+def test_overrides_and_inheritance(tmp_path):
+    (tmp_path / "base.yaml").write_text("model: {name_or_path: m}\nprivacy: {mechanism: lap2, target_epsilon: 1.0, delta: 1e-5}\nrun: {name: a}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nprivacy: {mechanism: gaussian}\n")
+    cfg = resolve(str(tmp_path / "child.yaml"), ["--privacy.target_epsilon=2", "--run.name", "b"])
+    assert cfg["privacy"] == {"mechanism": "gaussian", "target_epsilon": 2, "delta": 1e-5}
+    assert cfg["run"]["name"] == "b" and cfg["model"]["name_or_path"] == "m"
+    assert parse_overrides(["--training.learning_rate", "1e-4"])["training"]["learning_rate"] == "1e-4"
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        (["--privacy.epsilon", "1"], r"unknown key\(s\) \['epsilon'\] in section 'privacy'"),
+        (["--training.dp_clip_norm", "1"], "privacy settings go in the 'privacy' section"),
+        (["--trainig.seed", "1"], "unknown config sections"),
+        (["--model.lora", "{rank: 2}"], "model.lora"),
+        (["learning_rate", "1"], "--section.key"),
+        (["--run.name"], "no value"),
+    ],
+)
+def test_unknown_keys_are_errors(tmp_path, override, match):
+    (tmp_path / "c.yaml").write_text("model: {name_or_path: m}\nrun: {name: a}\n")
+    with pytest.raises(ValueError, match=match):
+        resolve(str(tmp_path / "c.yaml"), override)
+
+
+def test_data_errors_name_the_field(tiny_run, tmp_path):
+    tmp, _ = tiny_run
+    with pytest.raises(ValueError, match="data.train_file='nope.tsv' does not exist"):
+        DataConfig(train_file="nope.tsv", validation_file=str(tmp / "dev.tsv"))
+    with pytest.raises(ValueError, match="either dataset_name"):
+        DataConfig()
+    with pytest.raises(ValueError, match="data.text_column='text' is not a column"):
+        load_raw(DataConfig(train_file=str(tmp / "train.tsv"), validation_file=str(tmp / "dev.tsv"), text_column="text"))
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sentence\tlabel\na b \tpositive\n")
+    with pytest.raises(ValueError, match="integer class ids"):
+        load_raw(DataConfig(train_file=str(bad), validation_file=str(bad)))
+
+
+def test_sst2_files_load_with_provenance_counts():
+    train = os.path.join(ROOT, "..", "shared", "data", "sst2", "train.tsv")
+    if not os.path.isfile(train):
+        pytest.skip("../shared/data/sst2 not present")
+    raw = load_raw(DataConfig(train_file=train, validation_file=train.replace("train", "dev")))
+    assert len(raw["train"]) == 67349 and len(raw["validation"]) == 872  # PROVENANCE.txt
+    assert sum(raw["validation"]["label"]) == 444
+
+
+def test_every_shipped_config_resolves():
+    files = [f for f in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
+             if "accelerate" not in f and not os.path.basename(f).startswith("_")]
+    assert len(files) >= 28
+    for f in files:
+        cfg = resolve(f, [])
+        assert cfg["privacy"]["mechanism"] in ("gaussian", "laplace", "lap2", "none"), f
+    paper = resolve(os.path.join(ROOT, "configs", "sst2_eps054.yaml"), [])
+    assert paper["privacy"] == {"delta": 7.424e-6, "clip_norm": 0.4, "expected_batch_size": 1024, "mechanism": "lap2",
+                                "target_epsilon": 0.5384}
+    assert paper["data"]["max_length"] == 256 and paper["training"]["learning_rate"] == 5e-4
+
+
+def test_script_bad_config_is_one_line_exit_2(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: {name_or_path: m}\nrun: {name: a}\nprivacy: {mechanism: lap2}\ndata: {dataset_name: glue}\n")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "finetune.py"), "--config", str(tmp_path / "c.yaml")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "exactly one of dp_target_epsilon" in res.stderr and "Traceback" not in res.stderr
