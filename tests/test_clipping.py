@@ -266,3 +266,19 @@ def test_agrees_with_opacus_per_sample_gradients():
         nn.functional.cross_entropy(net(ids), y, reduction="none").sum().backward()
     norms = clipper.clip_and_accumulate()
     assert torch.allclose(norms, opacus_norms, rtol=1e-8)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_bf16_autocast_matches_fp32_norms(arch):
+    """Under bf16 autocast the norms agree with the fp32 engine to bf16 precision; sums stay float32."""
+    model = tiny_model(arch).train()
+    batch = padded_batch(4, 9)
+    ref_norms, _ = engine_result(model, batch, 1.0)
+    clipper = GradClipper(model, clip_norm=1.0)
+    with clipper.capture(batch_size=4), torch.autocast("cpu", dtype=torch.bfloat16):
+        per_example_loss(model, batch).float().sum().backward()
+    norms = clipper.clip_and_accumulate()
+    summed = clipper.pop_summed()
+    clipper.detach()
+    assert all(s.dtype == torch.float32 for s in summed.values())
+    assert torch.allclose(norms, ref_norms, rtol=5e-2)

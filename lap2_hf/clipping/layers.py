@@ -245,8 +245,10 @@ class ElementwiseTap(Tap):
         return _TapFn.apply(y, x.detach(), self, *self.params.values())
 
     def contributions(self, x, g):
-        params = {n: p.detach() for n, p in self.params.items()}
         dtype = self.engine.compute_dtype(g)
+        # Backward runs outside autocast: evaluate the module in the accumulation dtype throughout.
+        params = {n: p.detach().to(dtype) for n, p in self.params.items()}
+        x = x.to(dtype)
 
         def inner(ps, xi, gi):
             yi = self._call(ps, xi.unsqueeze(0))
