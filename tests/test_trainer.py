@@ -227,3 +227,16 @@ def test_plain_training_arguments_and_unsupported_layers_refused(tmp_path):
     tr = _trainer(tmp_path, WithConv(), dp_mechanism="gaussian", dp_noise_multiplier=1.0)
     with pytest.raises(UnsupportedLayerError, match="conv"):
         tr.train()
+
+
+def test_bf16_autocast_training_keeps_float32_noise_and_weights(tmp_path):
+    model = tiny_model("bert")
+    tr = _trainer(tmp_path, model, dp_mechanism="lap2", dp_target_epsilon=3.0, max_steps=2, bf16=True)
+    before = _flat_params(model).clone()
+    dtypes = []
+    model.bert.encoder.layer[0].intermediate.dense.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    out = tr.train()
+    assert dtypes and dtypes[0] == torch.bfloat16  # autocast was on during the private step
+    assert math.isfinite(out.training_loss) and out.metrics["epsilon"] <= 3.0
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not torch.equal(before, _flat_params(model))
