@@ -282,3 +282,17 @@ def test_bf16_autocast_matches_fp32_norms(arch):
     clipper.detach()
     assert all(s.dtype == torch.float32 for s in summed.values())
     assert torch.allclose(norms, ref_norms, rtol=5e-2)
+
+
+def test_clipped_sums_carry_no_autograd_graph():
+    """Sums built from kept activations must not hold a graph (it would keep every activation alive)."""
+    model = tiny_model("bert").train()
+    batch = padded_batch(3, 7)
+    clipper = GradClipper(model, clip_norm=1.0)
+    with clipper.capture(batch_size=3):
+        per_example_loss(model, batch).sum().backward()
+    norms = clipper.clip_and_accumulate()
+    summed = clipper.pop_summed()
+    clipper.detach()
+    assert not norms.requires_grad
+    assert all(not s.requires_grad and s.grad_fn is None for s in summed.values())

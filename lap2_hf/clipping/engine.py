@@ -160,6 +160,7 @@ class GradClipper:
         self._finalised.add(id(p))
 
     # -- results -----------------------------------------------------------------------------------
+    @torch.no_grad()
     def per_sample_norms(self) -> Tensor:
         """``(B,)`` per-sample gradient norms (L2 or L1) over all trainable parameters."""
         for p in list(self._contribs):
@@ -172,6 +173,7 @@ class GradClipper:
         """``c_i = min(1, C / ||g_i||)`` (and 1 for a zero gradient)."""
         return (self.clip_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
 
+    @torch.no_grad()
     def clip_and_accumulate(self) -> Tensor:
         """Add ``sum_i c_i g_i`` of the captured batch to :attr:`summed`; returns the norms ``(B,)``."""
         norms = self.per_sample_norms()

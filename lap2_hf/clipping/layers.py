@@ -56,7 +56,7 @@ class _LinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # Under autocast the output gradient can be bf16 while the weight is fp32.
             grad_x = grad_out.matmul(weight.to(grad_out.dtype)).to(x.dtype)
-        ctx.tap.backward(x, grad_out)
+        ctx.tap.backward(x.detach(), grad_out)  # saved inputs may require grad: keep no graph
         return grad_x, None, None, None
 
 
@@ -75,7 +75,7 @@ class _Conv1DFn(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out.matmul(weight.to(grad_out.dtype).t()).to(x.dtype)
-        ctx.tap.backward(x, grad_out)
+        ctx.tap.backward(x.detach(), grad_out)  # saved inputs may require grad: keep no graph
         return grad_x, None, None, None
 
 
