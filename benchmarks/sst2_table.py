@@ -72,7 +72,7 @@ def report(results_root: str) -> str:
         "| target epsilon | mechanism | dev accuracy | epsilon spent | noise | steps | paper (RoBERTa-base) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for eps in sorted({r["target_epsilon"] for r in runs if r["target_epsilon"] is not None}, reverse=True):
+    for eps in sorted(set(PAPER) | {r["target_epsilon"] for r in runs if r["target_epsilon"] is not None}, reverse=True):
         for mech in MECHS:
             r = by.get((mech, eps))
             paper = PAPER.get(eps)
