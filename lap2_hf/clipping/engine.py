@@ -178,11 +178,15 @@ class GradClipper:
         """Add ``sum_i c_i g_i`` of the captured batch to :attr:`summed`; returns the norms ``(B,)``."""
         norms = self.per_sample_norms()
         factors = self.clip_factors(norms)
-        for p, lst in self._contribs.items():
+        # Pop as we go: each kept input / output gradient is freed right after its last use (an input
+        # shared by Q, K and V goes with the third), so the peak never holds all of them plus the sums.
+        while self._contribs:
+            p, lst = self._contribs.popitem()
             part = clipped_sum(lst, factors, p.shape)
+            del lst
             acc = self.summed.get(p)
             self.summed[p] = part if acc is None else acc + part
-        self._reset_batch()  # frees the kept activations and output gradients
+        self._reset_batch()
         return norms.detach()
 
     def pop_summed(self) -> dict[nn.Parameter, Tensor]:
