@@ -20,7 +20,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ["eps0538", "nonprivate", "eps3738", "eps1158", "eps0911"]  # headline first
+ORDER = ["nonprivate", "eps0538", "eps3738", "eps1158", "eps0911"]  # baseline, then the headline
 MECHS = ["gaussian", "lap2", "laplace"]
 PAPER = {  # reported accuracy (Gaussian, standard Laplace, Lap2), RoBERTa-base, full SST-2
     3.7382: (90.31, 50.34, 90.11), 1.1584: (89.65, 50.21, 83.32), 0.9108: (89.23, 50.15, 89.14), 0.5384: (87.16, 48.97, 87.88),

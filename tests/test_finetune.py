@@ -137,3 +137,14 @@ def test_script_bad_config_is_one_line_exit_2(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "exactly one of dp_target_epsilon" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_trainable_subset_freezes_the_rest(tiny_run):
+    from lap2_hf.finetune import main
+
+    tmp, cfg = tiny_run
+    summary = main(["--config", str(cfg), "--model.trainable", "[classifier]", "--run.name", "head"])
+    head = sum(p.numel() for n, p in tiny_model("roberta").named_parameters() if "classifier" in n)
+    assert summary["noised_coordinates"] == head
+    with pytest.raises(ValueError, match="matches no parameter"):
+        main(["--config", str(cfg), "--model.trainable", "[nothing_like_this]"])
