@@ -60,25 +60,6 @@ class _LinearFn(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-class _Conv1DFn(torch.autograd.Function):
-    """transformers' Conv1D: ``y = x @ W + b`` with ``W`` of shape ``(in, out)``."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, tap):
-        ctx.tap = tap
-        ctx.save_for_backward(x, weight)
-        return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out.matmul(weight.to(grad_out.dtype).t()).to(x.dtype)
-        ctx.tap.backward(x.detach(), grad_out)  # saved inputs may require grad: keep no graph
-        return grad_x, None, None, None
-
-
 class _EmbeddingFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ids, weight, padding_idx, tap):
@@ -178,8 +159,9 @@ class Conv1DTap(Tap):
     rule = "conv1d"
 
     def tapped_forward(self, x):
+        # Conv1D computes x @ W + b with W of shape (in, out), i.e. a Linear with weight W^T.
         m = self.module
-        return _Conv1DFn.apply(x, m.weight, m.bias, self)
+        return _LinearFn.apply(x, m.weight.t(), m.bias, self)
 
     def contributions(self, x, g):
         batch = self.engine.batch_size
