@@ -21,6 +21,7 @@ resume, so a resumed run is the uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -208,17 +209,15 @@ class Lap2Trainer(Trainer):
         for chunk in logical.physical_chunks(self.args.per_device_train_batch_size):
             batch = self._prepare_inputs(self.data_collator(chunk))
             size = len(chunk)
-            if self.clipper is not None:
-                with self.clipper.capture(batch_size=size):
-                    with self.compute_loss_context_manager():
-                        losses = self.compute_per_example_loss(net, batch)
-                    losses.sum().backward()
-                norms = self.clipper.clip_and_accumulate()
-                n_clipped += int((norms > self.clipper.clip_norm).sum())
-            else:
+            capture = self.clipper.capture(batch_size=size) if self.clipper is not None else contextlib.nullcontext()
+            with capture:
                 with self.compute_loss_context_manager():
                     losses = self.compute_per_example_loss(net, batch)
                 losses.sum().backward()
+            if self.clipper is not None:
+                norms = self.clipper.clip_and_accumulate()
+                n_clipped += int((norms > self.clipper.clip_norm).sum())
+            else:
                 for p in params:
                     if p.grad is not None:
                         plain_sum[p] = plain_sum.get(p, 0) + p.grad.detach().float()
