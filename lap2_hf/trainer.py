@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
-from .accounting import PoissonSampledEvent, RdpAccountant, calibrate_noise, compute_rdp, make_event, rdp_to_epsilon
+from .accounting import DEFAULT_ORDERS, PoissonSampledEvent, RdpAccountant, calibrate_noise, compute_rdp, make_event, rdp_to_epsilon
 from .clipping import GradClipper
 from .config import Lap2TrainingArguments, PrivacyArguments
 from .mechanisms import Mechanism
@@ -90,6 +90,7 @@ class Lap2Trainer(Trainer):
         self.clipper: GradClipper | None = None
         self.mechanism: Mechanism | None = None
         self._seed: int | None = None
+        self._step_rdp = None  # per-order RDP of one planned step
         self._noise_gen: torch.Generator | None = None
         self._step_stats: dict[str, float] = {}
         self.add_callback(_BudgetCallback(self))
@@ -125,21 +126,22 @@ class Lap2Trainer(Trainer):
         if self.clipper is not None:
             self.clipper.detach()
         mech_name = pa.mechanism
-        clipper = None
-        if mech_name != "none":
-            clipper = GradClipper(self.model, clip_norm=pa.clip_norm, norm="l1" if mech_name == "laplace" else "l2")
-            dim = clipper.num_trainable
-        else:
-            dim = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        clipper, step_rdp = None, None
         if mech_name == "none":
+            dim = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             noise, planned = 0.0, math.inf
         else:
+            clipper = GradClipper(self.model, clip_norm=pa.clip_norm, norm="l1" if mech_name == "laplace" else "l2")
+            dim = clipper.num_trainable
             noise = pa.noise_multiplier
             if noise is None:
                 noise = calibrate_noise(
                     mechanism=mech_name, target_epsilon=pa.target_epsilon, delta=delta, sample_rate=q, steps=steps, dim=dim
                 )
-            planned = RdpAccountant().step(mechanism=mech_name, noise=noise, sample_rate=q, dim=dim, count=steps).get_epsilon(delta=delta)
+            # RDP of one step of the plan: the planned epsilon and the budget look-ahead both use it.
+            step_rdp = compute_rdp(PoissonSampledEvent(q, make_event(mech_name, noise=noise, dim=dim)), orders=DEFAULT_ORDERS)
+            planned, _ = rdp_to_epsilon(steps * step_rdp, orders=DEFAULT_ORDERS, delta=delta)
+        self._step_rdp = step_rdp
         self.clipper = clipper
         self.mechanism = Mechanism(mech_name, noise=noise, clip_norm=pa.clip_norm)
         self.plan = PrivacyPlan(
@@ -344,22 +346,14 @@ class _BudgetCallback(TrainerCallback):
 
     def __init__(self, trainer: Lap2Trainer):
         self.trainer = trainer
-        self._step_rdp = None  # RDP of one more step of the plan
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._step_rdp = None
-        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         tr = self.trainer
         plan = tr.plan
         if plan is None or plan.mechanism == "none" or plan.target_epsilon is None:
             return control
-        if self._step_rdp is None:
-            event = PoissonSampledEvent(plan.sample_rate, make_event(plan.mechanism, noise=plan.noise, dim=plan.dim))
-            self._step_rdp = compute_rdp(event, orders=tr.accountant.orders)
         acc = tr.accountant
-        nxt, _ = rdp_to_epsilon(acc.rdp() + self._step_rdp, orders=acc.orders, delta=plan.delta)
+        nxt, _ = rdp_to_epsilon(acc.rdp() + tr._step_rdp, orders=acc.orders, delta=plan.delta)
         if nxt > plan.target_epsilon:
             if state.global_step < state.max_steps:
                 logger.warning("stopping at step %d: one more step would exceed dp_target_epsilon=%s", state.global_step, plan.target_epsilon)
