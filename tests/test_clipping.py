@@ -89,10 +89,10 @@ def test_ghost_and_instantiated_paths_agree(monkeypatch):
     ghost, _ = engine_result(model, batch, 1.0)
     orig = contributions.sq_norms
 
-    def instantiate_always(contribs, shape):
+    def instantiate_always(contribs, shape, **kw):
         if len(contribs) == 1 and isinstance(contribs[0], contributions.Factored):
             return contributions.instantiate(contribs[0], shape).flatten(1).pow(2).sum(1)
-        return orig(contribs, shape)
+        return orig(contribs, shape, **kw)
 
     monkeypatch.setattr("lap2_hf.clipping.engine.sq_norms", instantiate_always)
     inst, _ = engine_result(model, batch, 1.0)
@@ -296,3 +296,95 @@ def test_clipped_sums_carry_no_autograd_graph():
     clipper.detach()
     assert not norms.requires_grad
     assert all(not s.requires_grad and s.grad_fn is None for s in summed.values())
+
+
+def test_cost_rule_crossovers_match_closed_form():
+    """ghost_is_cheaper against the multiply-add counts solved by hand (MiniLM's layer shapes)."""
+    from lap2_hf.clipping.contributions import ghost_is_cheaper
+
+    # 384 x 384: T^2 * 769 <= 147456 (T + 1)  <=>  T <= 192.
+    assert ghost_is_cheaper(seq_len=192, rows=384, cols=384)
+    assert not ghost_is_cheaper(seq_len=193, rows=384, cols=384)
+    # 1536 x 384: T^2 * 1921 <= 589824 (T + 1)  <=>  T <= 308.
+    assert ghost_is_cheaper(seq_len=308, rows=1536, cols=384)
+    assert not ghost_is_cheaper(seq_len=309, rows=1536, cols=384)
+    # A word embedding at T = 512 is cheaper to instantiate by FLOPs (23.6M vs 101M multiply-adds), but its
+    # (30522 x 384) gradient per sample is 30x the kept factors: memory keeps it on the Gram form.
+    assert ghost_is_cheaper(seq_len=512, rows=30522, cols=384, indexed=True)
+    # A token-type table (2 x 384): T^2 * 384 + 2 T^2 <= 384 T + 1536  <=>  T <= 2.
+    assert ghost_is_cheaper(seq_len=2, rows=2, cols=384, indexed=True)
+    assert not ghost_is_cheaper(seq_len=3, rows=2, cols=384, indexed=True)
+
+
+def test_long_sequences_take_both_branches_and_match_loop(monkeypatch):
+    """At T = 20 the tiny BERT's 32 x 32 projections are instantiated and its 64 x 32 ones ghost-normed:
+    norms and clipped sum still equal the per-example loop."""
+    from lap2_hf.clipping import contributions
+
+    calls = {"ghost": 0, "instantiate": 0}
+    inner, inst = contributions._pair_inner, contributions.instantiate
+
+    def count(kind, fn):
+        def wrapped(*a, **k):
+            calls[kind] += 1
+            return fn(*a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(contributions, "_pair_inner", count("ghost", inner))
+    monkeypatch.setattr(contributions, "instantiate", count("instantiate", inst))
+    model = tiny_model("bert").double().train()
+    batch = padded_batch(4, 20)
+    grads, ref = loop_reference(model, batch)
+    clip = float(ref.median())
+    norms, summed = engine_result(model, batch, clip)
+    assert calls["ghost"] > 0 and calls["instantiate"] > 0
+    assert torch.allclose(norms, ref, rtol=1e-8)
+    factors = (clip / ref).clamp(max=1)
+    assert _rel(summed, (factors[:, None] * grads).sum(0)) < 1e-8
+
+
+def test_layers_reading_one_input_share_its_gram():
+    """Three Linear layers on one input (like Q, K, V) and one on another: two input Grams, exact norms."""
+
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+            self.o = nn.Linear(16, 16)
+
+        def forward(self, x):
+            h = torch.tanh(self.q(x)) * self.k(x) + self.v(x)  # (B, T, 16)
+            return self.o(h).sum(dim=(1, 2))  # (B,)
+
+    torch.manual_seed(0)
+    model = QKV().double()
+    x = torch.randn(5, 3, 16, dtype=torch.double)  # T = 3: every weight takes the Gram form
+    clipper = GradClipper(model, clip_norm=1e9)
+    with clipper.capture(batch_size=5):
+        model(x).sum().backward()
+    assert clipper.gram_cache.computed == 2
+    norms = clipper.clip_and_accumulate()
+    clipper.detach()
+    ref = []
+    for i in range(5):
+        model.zero_grad()
+        model(x[i : i + 1]).sum().backward()
+        ref.append(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
+    assert torch.allclose(norms, torch.stack(ref), rtol=1e-10)
+
+
+def test_gram_cache_misses_on_another_or_changed_tensor():
+    from lap2_hf.clipping.contributions import GramCache
+
+    cache = GramCache()
+    a = torch.randn(2, 3, 4)
+    g1 = cache.right_gram(a)
+    assert cache.right_gram(a.detach()) is g1 and cache.computed == 1  # same storage and view
+    b = a.clone()
+    cache.right_gram(b)
+    assert cache.computed == 2
+    b.mul_(2)  # in place: same storage, new version
+    assert torch.allclose(cache.right_gram(b), b @ b.transpose(1, 2)) and cache.computed == 3
+    cache.right_gram(b[:, :2])  # a view of other shape
+    assert cache.computed == 4

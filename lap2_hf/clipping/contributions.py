@@ -14,10 +14,21 @@ private learners", section 4): for one factored contribution
 
     ||grad_i||_F^2 = sum_{t,s} (left_t . left_s)(right_t . right_s) = <L_i L_i^T, R_i R_i^T>   (ghost norm)
 
-costs O(B T^2 (p + d)); instantiating ``grad_i`` costs O(B T p d). We take the ghost norm when
-``2 T^2 < p d``. A parameter used by several calls (tied embedding / LM head, shared layers) gets the
-norm of the *sum* of its contributions, with cross terms ``2 <G^k_i, G^l_i>`` computed by the same Gram
-trick, so per-sample contributions are summed before the norm, never after.
+costs about ``T^2 (p + d)`` multiply-adds per sample (two Grams and their product); instantiating
+``grad_i`` costs about ``T p d`` (the outer products) plus ``p d`` (its squares). :func:`ghost_is_cheaper`
+takes whichever costs fewer FLOPs, and instantiates only when the transient ``(B, p, d)`` tensor is at
+most :data:`INSTANTIATE_MEMORY_RATIO` times the factors already kept, ``(B, T, p + d)`` (so the choice
+never raises the step's memory peak much). For MiniLM that is the Gram form up to T = 192 for the
+384 x 384 projections and up to T = 308 for the 1536 x 384 ones, instantiation beyond (the old rule,
+``2 T^2 < p d``, ghosted them up to T = 271 and T = 543, at up to 1.7x the FLOPs of instantiating).
+
+Inputs shared by several layers (Q, K and V read one hidden state) need their Gram ``R R^T`` once: a
+:class:`GramCache` keeps the last one while the same tensor comes back (backward visits the three
+projections one after another).
+
+A parameter used by several calls (tied embedding / LM head, shared layers) gets the norm of the *sum*
+of its contributions, with cross terms ``2 <G^k_i, G^l_i>`` computed by the same Gram trick, so
+per-sample contributions are summed before the norm, never after.
 
 Clipped sum (book-keeping, Bu et al. 2023, "Differentially private optimization on large model at
 small cost"): with clip factors ``c_i`` known, ``sum_i c_i grad_i = (c * left)^T right`` is one matmul
@@ -69,6 +80,60 @@ class Dense:
 Contribution = Factored | Dense
 
 
+#: Instantiate a per-sample gradient ``(B, p, d)`` only when it is at most this many times the size of the
+#: factors kept anyway, ``(B, T, p + d)`` (``(B, T, d)`` plus T indices for an embedding): see the module
+#: docstring.
+INSTANTIATE_MEMORY_RATIO = 2.0
+
+
+def ghost_is_cheaper(*, seq_len: int, rows: int, cols: int, indexed: bool = False) -> bool:
+    """Whether the ghost norm of a ``(rows, cols)`` parameter with ``seq_len`` positions per sample is the
+    cheaper exact route (module docstring; Bu et al. 2023, section 3, the "mixed" ghost/instantiate choice).
+
+    Multiply-adds per sample: ghost ``T^2 (p + d) + T^2`` (dense left factor) or ``T^2 d + 2 T^2`` (indexed:
+    the left Gram is a comparison of ids); instantiation ``T p d + p d`` (dense) or ``T d + 2 p d`` (indexed:
+    a scatter of T rows into a zeroed ``p x d`` table). Ghost is also taken whenever the instantiated
+    gradient would exceed :data:`INSTANTIATE_MEMORY_RATIO` times the kept factors.
+    """
+    t, p, d = seq_len, rows, cols
+    if indexed:
+        ghost, inst, kept = t * t * d + 2 * t * t, t * d + 2 * p * d, t * (d + 1)
+    else:
+        ghost, inst, kept = t * t * (p + d) + t * t, t * p * d + p * d, t * (p + d)
+    return ghost <= inst or p * d > INSTANTIATE_MEMORY_RATIO * kept
+
+
+class GramCache:
+    """The Gram ``R R^T`` ``(B, T, T)`` of the last right factor, reused while the same tensor comes back.
+
+    Keyed on the tensor's storage, shape, strides, dtype and version counter, and it holds a reference to the
+    tensor, so its memory cannot be freed and reused by another tensor while the entry lives. One entry: Q, K
+    and V (which share an input) are visited consecutively by backward, and one ``(B, T, T)`` tensor is all
+    it keeps.
+    :attr:`computed` counts the Grams formed (for tests and profiles).
+    """
+
+    def __init__(self):
+        self._key = None
+        self._right: Tensor | None = None
+        self._gram: Tensor | None = None
+        self.computed = 0
+
+    def right_gram(self, right: Tensor) -> Tensor:
+        """``right @ right^T`` over the last two dimensions, ``(B, T, T)``."""
+        # _version: an in-place change of the same tensor (which autograd would not make) still misses.
+        key = (right.data_ptr(), tuple(right.shape), right.stride(), right.dtype, right.device, right._version)
+        if self._gram is None or key != self._key:
+            self._gram = torch.bmm(right, right.transpose(1, 2))
+            self._key, self._right = key, right
+            self.computed += 1
+        return self._gram
+
+    def clear(self) -> None:
+        """Drop the entry (the engine does so when a batch's capture starts and when it is clipped)."""
+        self._key = self._right = self._gram = None
+
+
 def _left_gram(x: Factored, y: Factored) -> Tensor:
     """``(B, Tx, Ty)`` inner products of left factors; one-hot factors need no matmul."""
     if not x.indexed and not y.indexed:
@@ -81,9 +146,13 @@ def _left_gram(x: Factored, y: Factored) -> Tensor:
     return _left_gram(y, x).transpose(1, 2)
 
 
-def _pair_inner(x: Factored, y: Factored) -> Tensor:
+def _pair_inner(x: Factored, y: Factored, cache: GramCache | None = None) -> Tensor:
     """``<grad^x_i, grad^y_i>_F`` for every sample i, ``(B,)``, without instantiating either."""
-    return (_left_gram(x, y) * torch.bmm(x.right, y.right.transpose(1, 2))).sum(dim=(1, 2))
+    if cache is not None and x is y:
+        right = cache.right_gram(x.right)  # (B, T, T)
+    else:
+        right = torch.bmm(x.right, y.right.transpose(1, 2))  # (B, Tx, Ty)
+    return (_left_gram(x, y) * right).sum(dim=(1, 2))
 
 
 def instantiate(c: Contribution, shape: torch.Size) -> Tensor:
@@ -100,15 +169,18 @@ def instantiate(c: Contribution, shape: torch.Size) -> Tensor:
     return torch.einsum("btp,btd->bpd", c.left, c.right).reshape(batch, *shape)
 
 
-def sq_norms(contribs: list[Contribution], shape: torch.Size) -> Tensor:
-    """Squared L2 norm ``(B,)`` of each sample's gradient summed over ``contribs`` (same parameter)."""
+def sq_norms(contribs: list[Contribution], shape: torch.Size, *, cache: GramCache | None = None) -> Tensor:
+    """Squared L2 norm ``(B,)`` of each sample's gradient summed over ``contribs`` (same parameter).
+
+    One factored contribution takes the cheaper of the ghost norm and instantiation
+    (:func:`ghost_is_cheaper`); ``cache`` shares the input Gram with other parameters reading the same input.
+    """
     if len(contribs) == 1:
         c = contribs[0]
         if isinstance(c, Dense):
             return c.grad.flatten(1).pow(2).sum(1)
-        rows, cols = shape[0], c.right.shape[-1]
-        if 2 * c.seq_len**2 < rows * cols:
-            return _pair_inner(c, c)
+        if ghost_is_cheaper(seq_len=c.seq_len, rows=shape[0], cols=c.right.shape[-1], indexed=c.indexed):
+            return _pair_inner(c, c, cache)
         return instantiate(c, shape).flatten(1).pow(2).sum(1)
     dense = [c for c in contribs if isinstance(c, Dense)]
     factored = [c for c in contribs if isinstance(c, Factored)]

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .contributions import Contribution, clipped_sum, l1_norms, sq_norms
+from .contributions import Contribution, GramCache, clipped_sum, l1_norms, sq_norms
 from .layers import BATCH_SHARED_EMBEDDINGS, MODE_DEPENDENT_MIXERS, batch_mixing_reason  # also registers built-ins
 from .rules import LayerRule, UnsupportedLayerError, rule_for
 
@@ -78,6 +78,7 @@ class GradClipper:
         self._build_taps()
         self.num_nonfinite = 0  # examples left out by the last clip_and_accumulate (non-finite loss or norm)
         self.summed: dict[nn.Parameter, Tensor] = {}
+        self.gram_cache = GramCache()  # input Grams shared by layers reading one input (Q, K, V)
         self._reset_batch()
         self._attached = False
         self.attach()
@@ -163,6 +164,7 @@ class GradClipper:
         self._contribs: dict[nn.Parameter, list[Contribution]] = defaultdict(list)
         self._finalised: set[int] = set()
         self._norm_acc: Tensor | None = None
+        self.gram_cache.clear()
 
     @contextlib.contextmanager
     def capture(self, *, batch_size: int):
@@ -219,7 +221,7 @@ class GradClipper:
         if id(p) in self._finalised or not self._contribs.get(p):
             return
         lst = self._contribs[p]
-        part = l1_norms(lst, p.shape) if self.norm == "l1" else sq_norms(lst, p.shape)
+        part = l1_norms(lst, p.shape) if self.norm == "l1" else sq_norms(lst, p.shape, cache=self.gram_cache)
         self._norm_acc = part if self._norm_acc is None else self._norm_acc + part
         self._finalised.add(id(p))
 

@@ -1,0 +1,309 @@
+#!/usr/bin/env python
+"""A DP run against a plain ``transformers.Trainer`` run, end to end: what a user pays for privacy per step.
+
+Both arms train the same model (same initial weights, same trainable set), on the same tokenised training
+data, for the same number of optimizer steps, with the same physical batch, maximum length, optimizer and
+learning-rate schedule, in one process:
+
+1. ``lap2``  -- :class:`lap2_hf.Lap2Trainer` as ``scripts/finetune.py`` builds it from ``--config``
+   (default ``configs/quickstart.yaml`` with ``privacy.mechanism`` set to ``--mechanism``, default gaussian):
+   Poisson logical batches of expected size B, per-sample clipping, noise, accounting;
+2. ``plain`` -- ``transformers.Trainer`` with batches of exactly B = ``per_device_train_batch_size`` x
+   ``gradient_accumulation_steps`` drawn by HF's default random sampler (``--plain-sampling
+   group_by_length`` for HF's length-grouped sampler instead).
+
+Step time: the wall time between consecutive ``on_step_end`` callbacks (data loading included), median over
+the steps after the first (the first also pays set-up: calibration, attaching the clipping engine, the
+optimizer's state). The ratio printed is lap2 / plain of those medians.
+
+Overhead breakdown of the lap2 arm: seconds per step spent in each part of the DP step, measured by wrapping
+the functions that do it (sampler ``indices``, dataset row fetch, logical-batch collation, length sorting of
+physical chunks, padding collator, forward, clipping = norms + clip factors + book-keeping sums, noise,
+accountant, optimizer). "backward and taps" is what remains of ``training_step``: the backward pass with the
+engine's layer taps. "HF loop" is the rest of the step wall time. The plain arm gets the same wrappers where
+they apply (collator, ``training_step`` = forward + backward, optimizer).
+
+Timing noise: run it alone (every other process on the 2 cores slows the training threads unevenly).
+``--rounds`` > 1 repeats both arms in alternating order with fresh trainers and reports the median of rounds.
+
+Example (10 steps of expected batch 1024 on SST-2 with MiniLM, about 5 minutes on 2 CPU cores)::
+
+    python benchmarks/bench_epoch.py --steps 10 --out results/bench_clipping/epoch_minilm_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from lap2_hf import finetune, sampling  # noqa: E402
+from lap2_hf.accounting import accountant as accounting  # noqa: E402
+from lap2_hf.clipping.engine import GradClipper  # noqa: E402
+from lap2_hf.mechanisms import Mechanism  # noqa: E402
+
+#: Rows of the lap2 breakdown, in the order of a step.
+PHASES = (
+    "sampling",
+    "row fetch",
+    "logical collation",
+    "length sorting",
+    "padding collator",
+    "forward",
+    "backward and taps",
+    "clipping",
+    "noise",
+    "accountant",
+    "optimizer",
+    "HF loop",
+)
+
+
+class _Timers:
+    """Seconds spent inside wrapped callables, by phase. Wrappers nest: a phase's time includes that of the
+    phases it calls, so only disjoint phases are wrapped (see PHASES)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._stack = contextlib.ExitStack()
+
+    def wrap(self, owner, name: str, phase: str) -> None:
+        original = getattr(owner, name)
+        seconds = self.seconds
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seconds[phase] += time.perf_counter() - t0
+
+        if isinstance(owner, type):
+            had = name in vars(owner)
+            setattr(owner, name, timed)
+            self._stack.callback(lambda: setattr(owner, name, original) if had else delattr(owner, name))
+        else:
+            setattr(owner, name, timed)
+            self._stack.callback(lambda: owner.__dict__.pop(name, None))
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+class _StepClock(TrainerCallback):
+    """Wall time at the end of every optimizer step."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+
+def _median_step(clock: _StepClock) -> tuple[float, float]:
+    """(median step seconds after the first, first step seconds)."""
+    ends = [clock.start, *clock.ends]
+    steps = [b - a for a, b in zip(ends, ends[1:])]
+    return statistics.median(steps[1:] or steps), steps[0]
+
+
+def _lap2_trainer(args, out_dir: str):
+    argv = [
+        "--config", args.config,
+        "--privacy.mechanism", args.mechanism,
+        "--privacy.expected_batch_size", str(args.batch),
+        "--training.max_steps", str(args.steps),
+        "--training.per_device_train_batch_size", str(args.physical),
+        "--training.eval_strategy", "no",
+        "--training.save_strategy", "no",
+        "--training.logging_steps", str(10**6),
+        "--training.output_dir", out_dir,
+        "--run.resume", "false",
+    ]  # fmt: skip
+    return finetune.prepare(argv).trainer
+
+
+def _plain_trainer(lap2, model, out_dir: str, args) -> Trainer:
+    src = lap2.args
+    if args.batch % args.physical:
+        raise ValueError(f"--batch {args.batch} must be a multiple of --physical {args.physical} for the plain arm")
+    plain_args = TrainingArguments(
+        output_dir=out_dir,
+        per_device_train_batch_size=args.physical,
+        gradient_accumulation_steps=args.batch // args.physical,
+        max_steps=args.steps,
+        learning_rate=src.learning_rate,
+        lr_scheduler_type=src.lr_scheduler_type,
+        warmup_steps=src.warmup_steps,
+        weight_decay=src.weight_decay,
+        optim=src.optim,
+        seed=src.seed,
+        use_cpu=src.use_cpu,
+        dataloader_num_workers=src.dataloader_num_workers,
+        train_sampling_strategy=args.plain_sampling,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=10**6,
+        report_to=[],
+    )
+    return Trainer(
+        model=model,
+        args=plain_args,
+        train_dataset=lap2.train_dataset,
+        data_collator=lap2.data_collator,
+        processing_class=lap2.processing_class,
+    )
+
+
+def _run(trainer, timers: _Timers) -> dict:
+    clock = _StepClock(timers)
+    trainer.add_callback(clock)
+    clock.start = time.perf_counter()
+    try:
+        trainer.train()
+    finally:
+        timers.close()
+    median, first = _median_step(clock)
+    # Phases and wall time over the steps after the first (its set-up is in "first step").
+    steps = len(clock.ends) - 1
+    per_step = {k: v / steps for k, v in timers.seconds.items()}
+    return {
+        "median": median,
+        "first": first,
+        "steps": steps,
+        "per_step": per_step,
+        "total": clock.ends[-1] - clock.ends[0],
+    }
+
+
+def run_lap2(trainer) -> dict:
+    t = _Timers()
+    t.wrap(sampling.PoissonBatchSampler, "indices", "sampling")
+    t.wrap(sampling._TaggedDataset, "__getitems__", "row fetch")
+    t.wrap(sampling, "collate_logical", "logical collation")
+    t.wrap(sampling.LogicalBatch, "physical_chunks", "length sorting")
+    t.wrap(trainer, "data_collator", "padding collator")
+    t.wrap(trainer, "compute_per_example_loss", "forward")
+    t.wrap(trainer, "training_step", "training_step")
+    t.wrap(GradClipper, "clip_and_accumulate", "clipping")
+    t.wrap(GradClipper, "pop_summed", "clipping")
+    t.wrap(Mechanism, "add_noise", "noise")
+    for cls in (accounting.RdpAccountant, accounting.PldAccountant):
+        t.wrap(cls, "epsilon_after", "accountant")
+    t.wrap(accounting._StepAccountant, "step", "accountant")
+    t.wrap(torch.optim.AdamW, "step", "optimizer")
+    res = _run(trainer, t)
+    p = res["per_step"]
+    inside = ("padding collator", "length sorting", "forward", "clipping", "noise", "accountant")
+    p["backward and taps"] = p.pop("training_step", 0.0) - sum(p.get(k, 0.0) for k in inside)
+    loader = ("sampling", "row fetch", "logical collation")
+    p["HF loop"] = (
+        res["total"] / res["steps"]
+        - p["backward and taps"]
+        - sum(p.get(k, 0.0) for k in (*inside, *loader, "optimizer"))
+    )
+    res["plan"] = trainer.plan
+    return res
+
+
+def run_plain(trainer) -> dict:
+    t = _Timers()
+    t.wrap(trainer, "data_collator", "padding collator")
+    t.wrap(trainer, "training_step", "forward and backward")
+    t.wrap(torch.optim.AdamW, "step", "optimizer")
+    return _run(trainer, t)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/quickstart.yaml")
+    ap.add_argument("--mechanism", default="gaussian", choices=["gaussian", "lap2", "laplace"])
+    ap.add_argument("--steps", type=int, default=10, help="optimizer steps per arm")
+    ap.add_argument("--batch", type=int, default=1024, help="(expected) examples per step")
+    ap.add_argument("--physical", type=int, default=128, help="examples per forward/backward chunk")
+    ap.add_argument("--plain-sampling", default="random", choices=["random", "group_by_length"])
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--out", help="write the markdown report here too")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.steps < 2:
+        ap.error("--steps must be >= 2 (the first step is set-up)")
+
+    rounds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            lap2 = _lap2_trainer(args, os.path.join(tmp, f"lap2-{r}"))
+            # Same weights and trainable set for both arms: copied before the engine attaches at train().
+            plain = _plain_trainer(lap2, copy.deepcopy(lap2.model), os.path.join(tmp, f"plain-{r}"), args)
+            arms = [("lap2", run_lap2, lap2), ("plain", run_plain, plain)]
+            if r % 2:
+                arms.reverse()
+            got = {}
+            for name, fn, trainer in arms:
+                got[name] = fn(trainer)
+                print(f"round {r}: {name} median step {got[name]['median']:.2f} s", flush=True)
+            rounds.append(got)
+
+    report = _report(args, rounds, argv)
+    print(report)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as fh:
+            fh.write(report)
+    return 0
+
+
+def _report(args, rounds: list[dict], argv) -> str:
+    med = {arm: statistics.median(r[arm]["median"] for r in rounds) for arm in ("lap2", "plain")}
+    plan = rounds[0]["lap2"]["plan"]
+    lines = [
+        f"# One DP training run against a plain transformers.Trainer run ({args.steps} steps of {args.batch})",
+        "",
+        f"Command: `python benchmarks/bench_epoch.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
+        f"Date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; machine: "
+        f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads; config {args.config}, mechanism {plan.mechanism}, noised coordinates {plan.dim:,}, "
+        f"physical batch {args.physical}, plain sampler {args.plain_sampling}, rounds {args.rounds}.",
+        "",
+        "| arm | median step (s) | first step (s) | per-round medians |",
+        "|---|---|---|---|",
+    ]
+    for arm in ("plain", "lap2"):
+        per = ", ".join(f"{r[arm]['median']:.2f}" for r in rounds)
+        first = statistics.median(r[arm]["first"] for r in rounds)
+        lines.append(f"| {arm} | {med[arm]:.2f} | {first:.2f} | {per} |")
+    lines += ["", f"**Ratio lap2 / plain (median step): {med['lap2'] / med['plain']:.3f}x**", ""]
+    lines += ["Where a step's time goes (seconds per step, median over rounds):", "", "| part | lap2 | plain |"]
+    lines.append("|---|---|---|")
+    plain_map = {"padding collator": "padding collator", "optimizer": "optimizer"}
+    for phase in PHASES:
+        lap = statistics.median(r["lap2"]["per_step"].get(phase, 0.0) for r in rounds)
+        pk = plain_map.get(phase)
+        pl = f"{statistics.median(r['plain']['per_step'].get(pk, 0.0) for r in rounds):.3f}" if pk else ""
+        lines.append(f"| {phase} | {lap:.3f} | {pl} |")
+    fb = statistics.median(r["plain"]["per_step"].get("forward and backward", 0.0) for r in rounds)
+    lines.append(f"| forward and backward (plain: `training_step`) | | {fb:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
