@@ -567,6 +567,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", choices=["minilm", "roberta-tiny", "roberta-base-random"], default="minilm")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--seq-lens", default=None, help="comma-separated L values: one run each, then a table over L")
     ap.add_argument("--reps", type=int, default=3, help="timed rounds (each runs every method once)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds after the correctness check")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -600,7 +601,55 @@ def main(argv=None) -> None:
     if args.mem_child:
         memory_child(args)
         return
+    if not args.seq_lens:
+        run_one(args)
+        return
+    # One full benchmark per sequence length (each with its own report), then the table over L.
+    summaries = []
+    for seq_len in (int(x) for x in args.seq_lens.split(",")):
+        one = copy.copy(args)
+        one.seq_len = seq_len
+        if args.out:
+            root, ext = os.path.splitext(args.out)
+            one.out = f"{root}_L{seq_len}{ext or '.md'}"
+        summaries.append(run_one(one))
+    table = over_seq_lens_table(args, summaries)
+    print(table, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+        print(f"wrote {args.out}")
 
+
+def over_seq_lens_table(args, summaries: list[dict]) -> str:
+    """Markdown table over L: each method's median step time and tensor peak against the non-private step."""
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
+    out = [
+        f"# Per-sample clipping over sequence lengths: {args.model}, B={args.batch_size}, {args.device}",
+        "",
+        f"- command: `HF_HUB_OFFLINE=1 {command}`",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; code: {_git_info()}",
+        f"- machine: {platform.platform()}; {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}",
+        "- one full report per L beside this file (`_L<L>` suffix): correctness check, rounds, memory",
+        "",
+        "| L | method | time s (median) | x non-private | x paired | tensor peak MiB | x non-private |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in summaries:
+        base_t = s["time"].get("nonprivate")
+        base_m = s["mem"].get("nonprivate")
+        for name, t in s["time"].items():
+            m = s["mem"].get(name)
+            out.append(
+                f"| {s['seq_len']} | {LABELS[name]} | {t:.3f} | {t / base_t:.2f} | {s['paired'][name]:.2f} | "
+                + (f"{m:.0f} | {m / base_m:.2f} |" if m and base_m else "n/a | |")
+            )
+    return "\n".join(out) + "\n"
+
+
+def run_one(args) -> dict:
+    """The benchmark at one (model, B, L): report printed (and written to ``args.out``); returns the summary
+    ``{seq_len, time: {method: median s}, paired: {method: median ratio}, mem: {method: tensor peak MiB}}``."""
     methods_wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods_wanted:
         if m not in CLASSES:
@@ -851,6 +900,12 @@ def main(argv=None) -> None:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
         print(f"wrote {args.out}")
+    return {
+        "seq_len": args.seq_len,
+        "time": {n: statistics.median(times[n]) for n in order},
+        "paired": {n: statistics.median(a / b for a, b in zip(times[n], times["nonprivate"])) for n in order},
+        "mem": {n: mem[n]["tensor_peak_mib"] for n in order if "tensor_peak_mib" in mem.get(n, {})},
+    }
 
 
 if __name__ == "__main__":
