@@ -10,6 +10,7 @@ batch is ``dp_expected_batch_size`` (sets the Poisson rate q = B / N).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -17,6 +18,9 @@ from transformers import TrainingArguments
 from .accounting.mechanism_spec import ACCOUNTANTS, MECHANISMS, get_spec
 
 TASKS = ("auto", "sequence_classification", "causal_lm", "token_classification")
+
+#: What saved and logged arguments hold instead of a ``dp_seed`` (see :meth:`Lap2TrainingArguments.to_dict`).
+REDACTED_SEED = "<dp_seed redacted>"
 
 
 @dataclass(frozen=True)
@@ -183,12 +187,51 @@ class Lap2TrainingArguments(TrainingArguments):
         super().__post_init__()
         self.validate_privacy()
 
+    # -- the seed never leaves in what is saved or logged -----------------------------------------------
+    # Whoever knows dp_seed can recompute every batch and all the noise (README, "Seeds are secrets"), and HF
+    # writes the arguments into training_args.bin beside every saved model and checkpoint (pushed to the Hub
+    # with them) and hands to_dict() to every report_to integration. So both redact it, whatever its value,
+    # like HF's own *_token fields; in-process copies (copy / deepcopy) keep it.
+    def to_dict(self):
+        """HF's ``to_dict`` (what ``report_to`` integrations log) with ``dp_seed`` replaced by :data:`REDACTED_SEED`."""
+        d = super().to_dict()
+        if d.get("dp_seed") is not None:
+            d["dp_seed"] = REDACTED_SEED
+        return d
+
+    def __getstate__(self):
+        """Pickled state (``training_args.bin``): ``dp_seed`` redacted, and the derived ``privacy`` left out."""
+        state = dict(self.__dict__)
+        if state.get("dp_seed") is not None:
+            state["dp_seed"] = REDACTED_SEED
+            state.pop("privacy", None)
+        return state
+
+    def __setstate__(self, state):
+        object.__setattr__(self, "__dict__", dict(state))
+
+    def __copy__(self):
+        new = object.__new__(type(self))
+        object.__setattr__(new, "__dict__", dict(self.__dict__))
+        return new
+
+    def __deepcopy__(self, memo):
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        object.__setattr__(new, "__dict__", copy.deepcopy(self.__dict__, memo))
+        return new
+
     def validate_privacy(self) -> PrivacyArguments:
         """Rebuild :attr:`privacy` from the ``dp_*`` fields and refuse unsafe settings again.
 
         ``Lap2Trainer`` calls this at the start of every ``train()``: fields can be set after construction
         (``hyperparameter_search`` sets trial values with ``setattr``), and each must be checked.
         """
+        if self.dp_seed == REDACTED_SEED:
+            raise ValueError(
+                f"dp_seed={REDACTED_SEED!r}: these arguments were loaded from a saved copy, which never holds the seed "
+                "(it is secret); set dp_seed again, or None for a fresh secret seed"
+            )
         self.privacy = PrivacyArguments(
             mechanism=self.dp_mechanism,
             target_epsilon=self.dp_target_epsilon,
@@ -253,6 +296,13 @@ class Lap2TrainingArguments(TrainingArguments):
             refuse.append(
                 "ignore_data_skip=True: on resume it replays Poisson batches already drawn while the accountant "
                 "counts them as fresh; leave ignore_data_skip=False (resuming then continues the exact batch stream)"
+            )
+        strategy = getattr(getattr(self, "hub_strategy", None), "value", getattr(self, "hub_strategy", None))
+        if getattr(self, "push_to_hub", False) and strategy in ("checkpoint", "all_checkpoints"):
+            # HF uploads the whole checkpoint folder, privacy_noise_rng.pt (the stream key) included.
+            refuse.append(
+                f"push_to_hub with hub_strategy={strategy!r}: it uploads checkpoint folders, whose stream key "
+                "recomputes every batch and all the noise; use hub_strategy='every_save' or 'end' (model only)"
             )
         if refuse:
             raise ValueError(

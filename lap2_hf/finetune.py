@@ -363,16 +363,41 @@ def _out_dir(cfg: dict) -> str:
 
 
 def _write_results(cfg: dict, summary: dict, argv) -> None:
+    from .config import REDACTED_SEED
+
     out = _out_dir(cfg)
     os.makedirs(out, exist_ok=True)
+    # Results are for sharing and the seed is a secret (config.Lap2TrainingArguments.to_dict): the resolved
+    # config and the command keep everything but its value. (A public measurement seed is in the config file.)
+    privacy = cfg.get("privacy") or {}
+    if privacy.get("seed") is not None:
+        cfg = {**cfg, "privacy": {**privacy, "seed": REDACTED_SEED}}
     with open(os.path.join(out, "config.yaml"), "w") as fh:
         yaml.safe_dump(cfg, fh, sort_keys=False)
     with open(os.path.join(out, "metrics.json"), "w") as fh:
         json.dump(summary, fh, indent=1, default=str)
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _redact_seed_argv(sys.argv[1:] if argv is None else list(argv), REDACTED_SEED)
     launched = "ACCELERATE_MIXED_PRECISION" in os.environ or "LOCAL_RANK" in os.environ
     launcher = "accelerate launch" if launched else "python"
     with open(os.path.join(out, "command.txt"), "w") as fh:
         fh.write(f"{launcher} scripts/finetune.py {shlex.join(argv)}\n")
         fh.write(f"machine: {_machine()}\n")
         fh.write(f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n")
+
+
+def _redact_seed_argv(argv: list[str], placeholder: str) -> list[str]:
+    """``argv`` with the value of a ``--privacy.seed`` override (``--privacy.seed V`` or ``--privacy.seed=V``)
+    replaced by ``placeholder``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            out.append(placeholder)
+            skip = False
+        elif arg == "--privacy.seed":
+            out.append(arg)
+            skip = True
+        elif arg.startswith("--privacy.seed="):
+            out.append(f"--privacy.seed={placeholder}")
+        else:
+            out.append(arg)
+    return out

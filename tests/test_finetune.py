@@ -60,6 +60,22 @@ def test_end_to_end_writes_results(tiny_run):
     assert metrics["secure_rng"] is False and metrics["log_private_stats"] is False
 
 
+def test_results_never_hold_the_seed(tiny_run):
+    """The seed is secret (it recomputes the noise): results/ keep the config and the command but not its value,
+    also when it was given on the command line."""
+    from lap2_hf.config import REDACTED_SEED
+    from lap2_hf.finetune import main
+
+    tmp, cfg = tiny_run
+    secret = 0xD1CE_5EED_0123_4567_89AB_CDEF_0246_8ACE
+    main(["--config", str(cfg), "--privacy.seed", str(secret), "--training.num_train_epochs", "1"])
+    out = tmp / "results" / "tiny"
+    for name in ("config.yaml", "command.txt", "metrics.json"):
+        assert str(secret) not in (out / name).read_text(), name
+    assert yaml.safe_load((out / "config.yaml").read_text())["privacy"]["seed"] == REDACTED_SEED
+    assert f"--privacy.seed '{REDACTED_SEED}'" in (out / "command.txt").read_text()
+
+
 def test_lora_run(tiny_run):
     from lap2_hf.finetune import main
 

@@ -6,8 +6,10 @@ batches or noise, nothing unnoised in logs or checkpoints, seeds with more than 
 step count shared by the trainer and the CLI.
 """
 
+import copy
 import json
 import math
+import pickle
 
 import pytest
 import torch
@@ -18,6 +20,14 @@ from conftest import flat_params, lap2_args, lap2_trainer, run_cli, tiny_model, 
 def test_fp16_refused_pointing_to_bf16(tmp_path):
     with pytest.raises(ValueError, match=r"fp16=True.*bf16=True"):
         lap2_args(tmp_path, dp_noise_multiplier=1.0, fp16=True)
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "all_checkpoints"])
+def test_pushing_checkpoints_to_the_hub_is_refused(tmp_path, strategy):
+    """These strategies upload checkpoint folders, and with them the stream key (privacy_noise_rng.pt)."""
+    with pytest.raises(ValueError, match=f"hub_strategy='{strategy}'"):
+        lap2_args(tmp_path, dp_noise_multiplier=1.0, push_to_hub=True, hub_strategy=strategy)
+    lap2_args(tmp_path, dp_noise_multiplier=1.0, push_to_hub=True, hub_strategy="end")  # the model only: allowed
 
 
 # -- hole 3: ignore_data_skip ------------------------------------------------------------------------
@@ -331,6 +341,33 @@ def test_opt_in_logs_the_private_statistics(tmp_path):
         step_logs = [h for h in logs if "learning_rate" in h]
         assert all(k in h for h in step_logs for k in ("loss", "dp_batch_size", "dp_clipped_fraction", "epsilon"))
     assert math.isfinite(out.training_loss) and math.isfinite(out.metrics["train_loss"])
+
+
+def _holds(obj, secret: int) -> bool:
+    """Whether a pickle of ``obj`` contains ``secret`` (pickle writes big ints as little-endian bytes)."""
+    blob = pickle.dumps(obj)
+    return secret.to_bytes((secret.bit_length() + 8) // 8, "little", signed=True) in blob
+
+
+def test_saved_model_and_report_to_never_hold_the_seed(tmp_path):
+    """training_args.bin (written beside every saved model and checkpoint, and pushed to the Hub with them) and
+    the arguments every report_to integration logs used to carry dp_seed, from which the noise is recomputed."""
+    from lap2_hf.config import REDACTED_SEED
+
+    secret = 0xD1CE_5EED_0123_4567_89AB_CDEF_0246_8ACE_1357_9BDF
+    tr = lap2_trainer(tmp_path, dp_seed=secret, dp_noise_multiplier=1.0, save_strategy="steps", save_steps=1)
+    tr.train()
+    tr.save_model(str(tmp_path / "final"))
+    for path in (tmp_path / "final" / "training_args.bin", tmp_path / "out" / "checkpoint-1" / "training_args.bin"):
+        saved = torch.load(path, weights_only=False)
+        assert saved.dp_seed == REDACTED_SEED and not _holds(saved, secret)
+        assert str(secret) not in path.read_bytes().decode("latin-1")
+    assert tr.args.to_dict()["dp_seed"] == REDACTED_SEED and str(secret) not in tr.args.to_json_string()
+    # In-process copies keep it (Trainer internals and hyperparameter search copy arguments).
+    assert copy.deepcopy(tr.args).dp_seed == secret and copy.copy(tr.args).privacy.seed == secret
+    # A loaded copy cannot train under a seed it does not have: refused by name.
+    with pytest.raises(ValueError, match="dp_seed"):
+        saved.validate_privacy()
 
 
 # -- hole 6: seeds with more than 32 bits; the secure generator ----------------------------------------
