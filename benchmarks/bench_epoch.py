@@ -8,13 +8,14 @@ learning-rate schedule, in one process:
 1. ``lap2``  -- :class:`lap2_hf.Lap2Trainer` as ``scripts/finetune.py`` builds it from ``--config``
    (default ``configs/quickstart.yaml`` with ``privacy.mechanism`` set to ``--mechanism``, default gaussian):
    Poisson logical batches of expected size B, per-sample clipping, noise, accounting;
-2. ``plain`` -- ``transformers.Trainer`` with batches of exactly B = ``per_device_train_batch_size`` x
-   ``gradient_accumulation_steps`` drawn by HF's default random sampler (``--plain-sampling
-   group_by_length`` for HF's length-grouped sampler instead).
+2. ``plain <sampler>`` -- ``transformers.Trainer`` with batches of exactly B = ``per_device_train_batch_size``
+   x ``gradient_accumulation_steps``, one arm per ``--plain-sampling`` value: ``random`` (HF's default) and
+   ``group_by_length`` (HF's length-grouped sampler: like Lap2Trainer, which sorts each logical batch by length
+   before cutting physical chunks, it pads less).
 
 Step time: the wall time between consecutive ``on_step_end`` callbacks (data loading included), median over
 the steps after the first (the first also pays set-up: calibration, attaching the clipping engine, the
-optimizer's state). The ratio printed is lap2 / plain of those medians.
+optimizer's state). The ratios printed are lap2 / plain of those medians.
 
 Overhead breakdown of the lap2 arm: seconds per step spent in each part of the DP step, measured by wrapping
 the functions that do it (sampler ``indices``, dataset row fetch, logical-batch collation, length sorting of
@@ -107,14 +108,17 @@ class _Timers:
 
 
 class _StepClock(TrainerCallback):
-    """Wall time at the end of every optimizer step."""
+    """Wall time at the end of every optimizer step; the phase timers restart after the first step (set-up)."""
 
-    def __init__(self):
+    def __init__(self, timers: _Timers):
         self.ends: list[float] = []
         self.start = time.perf_counter()
+        self.timers = timers
 
     def on_step_end(self, args, state, control, **kwargs):
         self.ends.append(time.perf_counter())
+        if len(self.ends) == 1:
+            self.timers.seconds.clear()
 
 
 def _median_step(clock: _StepClock) -> tuple[float, float]:
@@ -140,7 +144,7 @@ def _lap2_trainer(args, out_dir: str):
     return finetune.prepare(argv).trainer
 
 
-def _plain_trainer(lap2, model, out_dir: str, args) -> Trainer:
+def _plain_trainer(lap2, model, out_dir: str, args, sampling_strategy: str) -> Trainer:
     src = lap2.args
     if args.batch % args.physical:
         raise ValueError(f"--batch {args.batch} must be a multiple of --physical {args.physical} for the plain arm")
@@ -157,7 +161,7 @@ def _plain_trainer(lap2, model, out_dir: str, args) -> Trainer:
         seed=src.seed,
         use_cpu=src.use_cpu,
         dataloader_num_workers=src.dataloader_num_workers,
-        train_sampling_strategy=args.plain_sampling,
+        train_sampling_strategy=sampling_strategy,
         eval_strategy="no",
         save_strategy="no",
         logging_steps=10**6,
@@ -238,7 +242,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="optimizer steps per arm")
     ap.add_argument("--batch", type=int, default=1024, help="(expected) examples per step")
     ap.add_argument("--physical", type=int, default=128, help="examples per forward/backward chunk")
-    ap.add_argument("--plain-sampling", default="random", choices=["random", "group_by_length"])
+    ap.add_argument(
+        "--plain-sampling", default="random,group_by_length", help="comma-separated: random, group_by_length"
+    )
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--out", help="write the markdown report here too")
@@ -247,14 +253,20 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.steps < 2:
         ap.error("--steps must be >= 2 (the first step is set-up)")
+    args.plain_sampling = [x.strip() for x in args.plain_sampling.split(",") if x.strip()]
+    if not args.plain_sampling or not set(args.plain_sampling) <= {"random", "group_by_length"}:
+        ap.error(f"--plain-sampling: random and/or group_by_length, got {args.plain_sampling}")
 
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             lap2 = _lap2_trainer(args, os.path.join(tmp, f"lap2-{r}"))
-            # Same weights and trainable set for both arms: copied before the engine attaches at train().
-            plain = _plain_trainer(lap2, copy.deepcopy(lap2.model), os.path.join(tmp, f"plain-{r}"), args)
-            arms = [("lap2", run_lap2, lap2), ("plain", run_plain, plain)]
+            arms = [("lap2", run_lap2, lap2)]
+            for sampling_ in args.plain_sampling:
+                # Same weights and trainable set for every arm: copied before the engine attaches at train().
+                out = os.path.join(tmp, f"plain-{sampling_}-{r}")
+                plain = _plain_trainer(lap2, copy.deepcopy(lap2.model), out, args, sampling_)
+                arms.append((f"plain {sampling_}", run_plain, plain))
             if r % 2:
                 arms.reverse()
             got = {}
@@ -273,7 +285,9 @@ def main(argv=None) -> int:
 
 
 def _report(args, rounds: list[dict], argv) -> str:
-    med = {arm: statistics.median(r[arm]["median"] for r in rounds) for arm in ("lap2", "plain")}
+    names = list(rounds[0])
+    plains = [n for n in names if n != "lap2"]
+    med = {arm: statistics.median(r[arm]["median"] for r in rounds) for arm in names}
     plan = rounds[0]["lap2"]["plan"]
     lines = [
         f"# One DP training run against a plain transformers.Trainer run ({args.steps} steps of {args.batch})",
@@ -282,26 +296,30 @@ def _report(args, rounds: list[dict], argv) -> str:
         f"Date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; machine: "
         f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads; config {args.config}, mechanism {plan.mechanism}, noised coordinates {plan.dim:,}, "
-        f"physical batch {args.physical}, plain sampler {args.plain_sampling}, rounds {args.rounds}.",
+        f"physical batch {args.physical}, rounds {args.rounds}.",
         "",
         "| arm | median step (s) | first step (s) | per-round medians |",
         "|---|---|---|---|",
     ]
-    for arm in ("plain", "lap2"):
+    for arm in (*plains, "lap2"):
         per = ", ".join(f"{r[arm]['median']:.2f}" for r in rounds)
         first = statistics.median(r[arm]["first"] for r in rounds)
         lines.append(f"| {arm} | {med[arm]:.2f} | {first:.2f} | {per} |")
-    lines += ["", f"**Ratio lap2 / plain (median step): {med['lap2'] / med['plain']:.3f}x**", ""]
-    lines += ["Where a step's time goes (seconds per step, median over rounds):", "", "| part | lap2 | plain |"]
-    lines.append("|---|---|---|")
-    plain_map = {"padding collator": "padding collator", "optimizer": "optimizer"}
+    lines.append("")
+    for arm in plains:
+        lines.append(f"**Ratio lap2 / {arm} (median step): {med['lap2'] / med[arm]:.3f}x**  ")
+    lines += ["", "Where a step's time goes (seconds per step after the first, median over rounds):", ""]
+    lines += ["| part | lap2 | " + " | ".join(plains) + " |", "|---|---|" + "---|" * len(plains)]
+
+    def cell(arm, key):
+        return f"{statistics.median(r[arm]['per_step'].get(key, 0.0) for r in rounds):.3f}"
+
+    shared = ("padding collator", "optimizer")
     for phase in PHASES:
-        lap = statistics.median(r["lap2"]["per_step"].get(phase, 0.0) for r in rounds)
-        pk = plain_map.get(phase)
-        pl = f"{statistics.median(r['plain']['per_step'].get(pk, 0.0) for r in rounds):.3f}" if pk else ""
-        lines.append(f"| {phase} | {lap:.3f} | {pl} |")
-    fb = statistics.median(r["plain"]["per_step"].get("forward and backward", 0.0) for r in rounds)
-    lines.append(f"| forward and backward (plain: `training_step`) | | {fb:.3f} |")
+        others = " | ".join(cell(a, phase) if phase in shared else "" for a in plains)
+        lines.append(f"| {phase} | {cell('lap2', phase)} | {others} |")
+    fwd_bwd = " | ".join(cell(a, "forward and backward") for a in plains)
+    lines.append(f"| forward and backward (plain: `training_step`) | | {fwd_bwd} |")
     return "\n".join(lines) + "\n"
 
 
