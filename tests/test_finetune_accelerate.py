@@ -123,7 +123,10 @@ def test_paper_command_under_accelerate_with_two_cpu_processes(tmp_path):
     assert sorted(os.listdir(out)) == ["command.txt", "config.yaml", "metrics.json"]
     command = (out / "command.txt").read_text()
     assert command.startswith("accelerate launch scripts/finetune.py --config configs/sst2_eps054.yaml")
-    # The resolved config records the paper's privacy parameters (expected batch as overridden for 40 rows).
+    # The resolved config records the paper's privacy parameters (expected batch as overridden for 40 rows),
+    # and never the (secret) seed.
+    from lap2_hf.config import REDACTED_SEED
+
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["privacy"] == {
         "mechanism": "lap2",
@@ -131,8 +134,9 @@ def test_paper_command_under_accelerate_with_two_cpu_processes(tmp_path):
         "delta": 7.424e-6,
         "clip_norm": 0.4,
         "expected_batch_size": BATCH,
-        "seed": SEED,
+        "seed": REDACTED_SEED,
     }
+    assert str(SEED) not in command and str(SEED) not in (out / "config.yaml").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_train_examples"] == N_TRAIN and metrics["steps_taken"] == metrics["steps_planned"] == 2
     assert 0.53 < metrics["epsilon_spent"] <= 0.5384 and metrics["delta"] == 7.424e-6
