@@ -621,13 +621,17 @@ def main(argv=None) -> None:
         print(f"wrote {args.out}")
 
 
+def _command() -> str:
+    """This benchmark's command line as it was run (offline, as the reports state it)."""
+    return "HF_HUB_OFFLINE=1 python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
+
+
 def over_seq_lens_table(args, summaries: list[dict]) -> str:
     """Markdown table over L: each method's median step time and tensor peak against the non-private step."""
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
     out = [
         f"# Per-sample clipping over sequence lengths: {args.model}, B={args.batch_size}, {args.device}",
         "",
-        f"- command: `HF_HUB_OFFLINE=1 {command}`",
+        f"- command: `{_command()}`",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; code: {_git_info()}",
         f"- machine: {platform.platform()}; {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}",
         "- one full report per L beside this file (`_L<L>` suffix): correctness check, rounds, memory",
@@ -664,8 +668,6 @@ def run_one(args) -> dict:
         lines.append(s)
 
     started = time.time()
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
-    env_cmd = f"HF_HUB_OFFLINE=1 {command}"
     device_name = (
         torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
     )
@@ -685,7 +687,7 @@ def run_one(args) -> dict:
     import transformers
 
     log(f"# Per-sample clipping benchmark: {args.model}, B={B}, L={args.seq_len}, {args.device}\n")
-    log(f"- command: `{env_cmd}`")
+    log(f"- command: `{_command()}`")
     log(f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     log(
         f"- machine: {platform.platform()}; {os.cpu_count()} CPUs ({cpu_model}); "

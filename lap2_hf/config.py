@@ -208,17 +208,17 @@ class Lap2TrainingArguments(TrainingArguments):
         return state
 
     def __setstate__(self, state):
-        object.__setattr__(self, "__dict__", dict(state))
+        self.__dict__.update(state)
 
     def __copy__(self):
         new = object.__new__(type(self))
-        object.__setattr__(new, "__dict__", dict(self.__dict__))
+        new.__dict__.update(self.__dict__)
         return new
 
     def __deepcopy__(self, memo):
         new = object.__new__(type(self))
         memo[id(self)] = new
-        object.__setattr__(new, "__dict__", copy.deepcopy(self.__dict__, memo))
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return new
 
     def validate_privacy(self) -> PrivacyArguments:
@@ -297,8 +297,8 @@ class Lap2TrainingArguments(TrainingArguments):
                 "ignore_data_skip=True: on resume it replays Poisson batches already drawn while the accountant "
                 "counts them as fresh; leave ignore_data_skip=False (resuming then continues the exact batch stream)"
             )
-        strategy = getattr(getattr(self, "hub_strategy", None), "value", getattr(self, "hub_strategy", None))
-        if getattr(self, "push_to_hub", False) and strategy in ("checkpoint", "all_checkpoints"):
+        strategy = getattr(self.hub_strategy, "value", self.hub_strategy)  # HubStrategy after HF's post-init
+        if self.push_to_hub and strategy in ("checkpoint", "all_checkpoints"):
             # HF uploads the whole checkpoint folder, privacy_noise_rng.pt (the stream key) included.
             refuse.append(
                 f"push_to_hub with hub_strategy={strategy!r}: it uploads checkpoint folders, whose stream key "
