@@ -52,6 +52,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import datasets  # noqa: E402
 import torch  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
@@ -201,7 +202,7 @@ def _run(trainer, timers: _Timers) -> dict:
 def run_lap2(trainer) -> dict:
     t = _Timers()
     t.wrap(sampling.PoissonBatchSampler, "indices", "sampling")
-    t.wrap(sampling._TaggedDataset, "__getitems__", "row fetch")
+    t.wrap(datasets.Dataset, "__getitems__", "row fetch")
     t.wrap(sampling, "collate_logical", "logical collation")
     t.wrap(sampling.LogicalBatch, "physical_chunks", "length sorting")
     t.wrap(trainer, "data_collator", "padding collator")
@@ -212,7 +213,7 @@ def run_lap2(trainer) -> dict:
     t.wrap(Mechanism, "add_noise", "noise")
     for cls in (accounting.RdpAccountant, accounting.PldAccountant):
         t.wrap(cls, "epsilon_after", "accountant")
-    t.wrap(accounting._StepAccountant, "step", "accountant")
+        t.wrap(cls, "step", "accountant")
     t.wrap(torch.optim.AdamW, "step", "optimizer")
     res = _run(trainer, t)
     p = res["per_step"]
