@@ -6,7 +6,8 @@ data, for the same number of optimizer steps, with the same physical batch, maxi
 learning-rate schedule, in one process:
 
 1. ``lap2``  -- :class:`lap2_hf.Lap2Trainer` as ``scripts/finetune.py`` builds it from ``--config``
-   (default ``configs/quickstart.yaml`` with ``privacy.mechanism`` set to ``--mechanism``, default gaussian):
+   (default ``configs/quickstart.yaml`` with ``privacy.mechanism`` set to ``--mechanism``, default gaussian, and
+   every weight but the word embeddings trained; ``--lora`` keeps the config's LoRA adapters instead):
    Poisson logical batches of expected size B, per-sample clipping, noise, accounting;
 2. ``plain <sampler>`` -- ``transformers.Trainer`` with batches of exactly B = ``per_device_train_batch_size``
    x ``gradient_accumulation_steps``, one arm per ``--plain-sampling`` value: ``random`` (HF's default) and
@@ -143,6 +144,8 @@ def _lap2_trainer(args, out_dir: str):
         "--training.output_dir", out_dir,
         "--run.resume", "false",
     ]  # fmt: skip
+    if not args.lora:  # the config's LoRA adapters (the quickstart has them) off: full fine-tuning
+        argv += ["--model.lora", "null"]
     return finetune.prepare(argv).trainer
 
 
@@ -246,6 +249,9 @@ def main(argv=None) -> int:
     ap.add_argument("--physical", type=int, default=128, help="examples per forward/backward chunk")
     ap.add_argument(
         "--plain-sampling", default="random,group_by_length", help="comma-separated: random, group_by_length"
+    )
+    ap.add_argument(
+        "--lora", action="store_true", help="keep the config's model.lora adapters (default: full fine-tuning)"
     )
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
