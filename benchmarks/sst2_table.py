@@ -118,7 +118,8 @@ def table(runs: list[dict]) -> str:
     for r in (x for x in runs if _kind(x) == "lora"):
         noise = f"{'sigma' if r['mechanism'] == 'gaussian' else 'b/C'} = {r['noise']:.4f}"
         lines.append(
-            f"| {r['target_epsilon']} | {r['mechanism']}, LoRA adapters + head (n = {r['noised_coordinates']:,}) | "
+            f"| {r['target_epsilon']} | {r['mechanism']}, LoRA adapters + head (n = {r['noised_coordinates']:,}, "
+            f"C = {r['clip_norm']}) | "
             f"{_acc(r)} | - | {r['epsilon_spent']:.4f} | {noise} | {r['steps_taken']}/{r['steps_planned']} | - |"
         )
     return "\n".join(lines)
