@@ -5,7 +5,11 @@ One run compares, on the same model weights, the same batch and the same trainab
 
 1. ``nonprivate``    -- ``loss.mean().backward()`` (autograd's ``p.grad`` is the gradient to apply);
 2. ``engine``        -- :class:`lap2_hf.clipping.GradClipper`: capture + one backward +
-                        ``clip_and_accumulate`` + ``pop_summed``, then ``p.grad = sum / B``;
+                        ``clip_and_accumulate`` + ``pop_summed``, then ``p.grad = sum / B``; per layer,
+                        ghost norms or per-sample gradients instantiated and reused for the clipped sum
+                        (``--engine-memory-ratio`` sets ``instantiate_memory_ratio``);
+2b. ``engine_ghost`` -- the same with ``instantiate_memory_ratio=0``: ghost norms for every layer (the
+                        engine before the per-layer choice, for a before / after in one run);
 3. ``opacus_ghost``  -- ``opacus.grad_sample.GradSampleModuleFastGradientClipping`` with
                         ``use_ghost_clipping=True``, ``DPOptimizerFastGradientClipping`` and
                         ``DPLossFastGradientClipping`` (what ``PrivacyEngine.make_private(...,
@@ -85,10 +89,11 @@ from torch import nn  # noqa: E402
 # Opacus' full backward hooks fire on modules whose inputs need no grad (embeddings); harmless here.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
-METHODS = ["nonprivate", "engine", "opacus_ghost", "opacus_hooks"]
+METHODS = ["nonprivate", "engine", "engine_ghost", "opacus_ghost", "opacus_hooks"]
 LABELS = {
     "nonprivate": "non-private (loss.mean().backward())",
     "engine": "lap2_hf GradClipper (1 fwd + 1 bwd, book-keeping)",
+    "engine_ghost": "lap2_hf GradClipper, Gram form everywhere (instantiate_memory_ratio=0)",
     "opacus_ghost": "Opacus ghost clipping (GradSampleModuleFastGradientClipping, 2 bwd)",
     "opacus_hooks": "Opacus per-sample grads (GradSampleModule hooks) + clip",
 }
@@ -217,12 +222,15 @@ class NonPrivate(Method):
 
 class Engine(Method):
     name = "engine"
+    #: GradClipper's instantiate_memory_ratio (None: the library default; ``--engine-memory-ratio``).
+    memory_ratio: float | None = None
 
     def __init__(self, base, clip_norm, batch_size):
         super().__init__(base, clip_norm, batch_size)
         from lap2_hf.clipping import GradClipper
 
-        self.clipper = GradClipper(self.model, clip_norm=clip_norm, norm="l2")
+        kw = {} if self.memory_ratio is None else {"instantiate_memory_ratio": self.memory_ratio}
+        self.clipper = GradClipper(self.model, clip_norm=clip_norm, norm="l2", **kw)
 
     def set_clip_norm(self, c):
         super().set_clip_norm(c)
@@ -237,6 +245,13 @@ class Engine(Method):
         for p, g in self.clipper.pop_summed().items():
             p.grad = g.div_(self.batch_size).to(p.dtype)
         self.norms = norms
+
+
+class EngineGhost(Engine):
+    """The engine before per-layer instantiation: ghost (Gram) norms for every factored layer."""
+
+    name = "engine_ghost"
+    memory_ratio = 0.0
 
 
 class OpacusGhost(Method):
@@ -318,7 +333,7 @@ class OpacusHooks(Method):
             p.grad_sample = None
 
 
-CLASSES = {c.name: c for c in (NonPrivate, Engine, OpacusGhost, OpacusHooks)}
+CLASSES = {c.name: c for c in (NonPrivate, Engine, EngineGhost, OpacusGhost, OpacusHooks)}
 
 
 def _describe(e: Exception) -> str:
@@ -441,6 +456,8 @@ def measure_memory(args, method: str, clip_norm: float) -> dict:
     ]
     if args.no_dropout:
         cmd.append("--no-dropout")
+    if args.engine_memory_ratio is not None:
+        cmd += ["--engine-memory-ratio", repr(args.engine_memory_ratio)]
     cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
@@ -578,6 +595,12 @@ def main(argv=None) -> None:
         default=None,
         help="per-sample bound C (default: median of the per-sample norms of the batch)",
     )
+    ap.add_argument(
+        "--engine-memory-ratio",
+        type=float,
+        default=None,
+        help="GradClipper(instantiate_memory_ratio=...) for the 'engine' method (default: the library's)",
+    )
     ap.add_argument("--no-dropout", action="store_true", help="set hidden/attention dropout to 0")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
     ap.add_argument(
@@ -594,6 +617,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.threads is None:
         args.threads = 1 if args.device == "cpu" else 0
+    Engine.memory_ratio = args.engine_memory_ratio
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -764,7 +788,7 @@ def run_one(args) -> dict:
     if refname:
         what = {"opacus_hooks": "Opacus per-sample gradients", "opacus_ghost": "Opacus ghost clipping"}[refname]
         ref = norms[refname]
-        for name in ("engine", "opacus_ghost"):
+        for name in ("engine", "engine_ghost", "opacus_ghost"):
             if name in norms and name != refname:
                 rel = ((norms[name] - ref).abs() / ref).max().item()
                 log(f"- per-sample norms, {name} vs {what}: max relative diff {rel:.2e}")
@@ -772,7 +796,7 @@ def run_one(args) -> dict:
             f"- per-sample norms ({what}): min {ref.min():.3g}, median {ref.median():.3g}, "
             f"max {ref.max():.3g}; clipped: {(ref > clip_norm).sum().item()}/{B}"
         )
-        for name in ("engine", "opacus_ghost"):
+        for name in ("engine", "engine_ghost", "opacus_ghost"):
             if name in flat and name != refname:
                 g, r = flat[name], flat[refname]
                 log(

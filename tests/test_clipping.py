@@ -1,5 +1,7 @@
 """The clipping engine against exact references: a loop over single examples, and Opacus."""
 
+import re
+
 import pytest
 import torch
 from conftest import padded_batch, per_example_loss, tiny_model
@@ -29,8 +31,8 @@ def loop_reference(model, batch, norm="l2"):
     return grads, grads.norm(p=1 if norm == "l1" else 2, dim=1)
 
 
-def engine_result(model, batch, clip_norm, norm="l2"):
-    clipper = GradClipper(model, clip_norm=clip_norm, norm=norm)
+def engine_result(model, batch, clip_norm, norm="l2", **kw):
+    clipper = GradClipper(model, clip_norm=clip_norm, norm=norm, **kw)
     with clipper.capture(batch_size=batch["input_ids"].shape[0]):
         per_example_loss(model, batch).sum().backward()
     norms = clipper.clip_and_accumulate()
@@ -80,23 +82,43 @@ def test_position_ids_broadcast_keep_per_sample_gradients():
     assert _rel(summed, grads.sum(0)) < 1e-8
 
 
-def test_ghost_and_instantiated_paths_agree(monkeypatch):
-    """Force each Linear norm through both cost-rule branches: same numbers."""
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ghost_and_instantiated_paths_agree_with_loop(arch, monkeypatch):
+    """instantiate_memory_ratio=0 takes the Gram form everywhere, a huge ratio instantiates every layer whose
+    FLOPs favour it (and reuses the per-sample gradients for the clipped sum): both equal the loop."""
     from lap2_hf.clipping import contributions
 
-    model = tiny_model("bert").double().train()
-    batch = padded_batch(4, 9)
-    ghost, _ = engine_result(model, batch, 1.0)
-    orig = contributions.sq_norms
+    kinds = []
+    orig = contributions.clipped_sum
 
-    def instantiate_always(contribs, shape, **kw):
-        if len(contribs) == 1 and isinstance(contribs[0], contributions.Factored):
-            return contributions.instantiate(contribs[0], shape).flatten(1).pow(2).sum(1)
-        return orig(contribs, shape, **kw)
+    def spy(contribs, *a, **k):
+        kinds.extend(type(c).__name__ for c in contribs)
+        return orig(contribs, *a, **k)
 
-    monkeypatch.setattr("lap2_hf.clipping.engine.sq_norms", instantiate_always)
-    inst, _ = engine_result(model, batch, 1.0)
-    assert torch.allclose(ghost, inst, rtol=1e-10)
+    monkeypatch.setattr("lap2_hf.clipping.engine.clipped_sum", spy)
+    model = tiny_model(arch).double().train()
+    batch = padded_batch(4, 9, pad=1 if arch == "roberta" else 0)
+    grads, ref = loop_reference(model, batch)
+    clip = float(ref.median())
+    factors = (clip / ref).clamp(max=1)
+    for ratio in (0.0, 1e9):
+        kinds.clear()
+        norms, summed = engine_result(model, batch, clip, instantiate_memory_ratio=ratio)
+        assert torch.allclose(norms, ref, rtol=1e-8)
+        assert _rel(summed, (factors[:, None] * grads).sum(0)) < 1e-8
+        n_factored = kinds.count("Factored")
+        if ratio == 0:
+            ghost_factored = n_factored
+        else:  # every Linear / Conv1D weight at T = 9 and hidden 32 is cheaper instantiated, and reused
+            assert n_factored < ghost_factored
+    assert ghost_factored > 0
+
+
+def test_memory_ratio_is_checked():
+    model = tiny_model("bert")
+    for bad in (-1.0, float("inf"), float("nan"), "1", True):
+        with pytest.raises(ValueError, match=r"instantiate_memory_ratio.*" + re.escape(repr(bad))):
+            GradClipper(model, clip_norm=1.0, instantiate_memory_ratio=bad)
 
 
 @pytest.mark.parametrize("arch", ["roberta", "llama"])
@@ -302,18 +324,30 @@ def test_cost_rule_crossovers_match_closed_form():
     """ghost_is_cheaper against the multiply-add counts solved by hand (MiniLM's layer shapes)."""
     from lap2_hf.clipping.contributions import ghost_is_cheaper
 
-    # 384 x 384: T^2 * 769 <= 147456 (T + 1)  <=>  T <= 192.
-    assert ghost_is_cheaper(seq_len=192, rows=384, cols=384)
-    assert not ghost_is_cheaper(seq_len=193, rows=384, cols=384)
-    # 1536 x 384: T^2 * 1921 <= 589824 (T + 1)  <=>  T <= 308.
-    assert ghost_is_cheaper(seq_len=308, rows=1536, cols=384)
-    assert not ghost_is_cheaper(seq_len=309, rows=1536, cols=384)
-    # A word embedding at T = 512 is cheaper to instantiate by FLOPs (23.6M vs 101M multiply-adds), but its
-    # (30522 x 384) gradient per sample is 30x the kept factors: memory keeps it on the Gram form.
+    big = 1e9  # memory no object: FLOPs alone
+    # 384 x 384, norm + clipped sum: T^2 * 769 + T pd <= T pd + 2 pd  <=>  T^2 <= 294912 / 769  <=>  T <= 19.
+    assert ghost_is_cheaper(seq_len=19, rows=384, cols=384, memory_ratio=big)
+    assert not ghost_is_cheaper(seq_len=20, rows=384, cols=384, memory_ratio=big)
+    # 1536 x 384: T^2 * 1921 <= 1179648  <=>  T <= 24.
+    assert ghost_is_cheaper(seq_len=24, rows=1536, cols=384, memory_ratio=big)
+    assert not ghost_is_cheaper(seq_len=25, rows=1536, cols=384, memory_ratio=big)
+    # Default memory ratio 1: p d <= T (p + d)  <=>  T >= 192 (384 x 384) and T >= 308 (1536 x 384).
+    assert ghost_is_cheaper(seq_len=191, rows=384, cols=384)
+    assert not ghost_is_cheaper(seq_len=192, rows=384, cols=384)
+    assert ghost_is_cheaper(seq_len=307, rows=1536, cols=384)
+    assert not ghost_is_cheaper(seq_len=308, rows=1536, cols=384)
+    # Ratio 2 (memory up to twice the factors): 147456 <= 2 * 768 T  <=>  T >= 96.
+    assert ghost_is_cheaper(seq_len=95, rows=384, cols=384, memory_ratio=2)
+    assert not ghost_is_cheaper(seq_len=96, rows=384, cols=384, memory_ratio=2)
+    # Ratio 0: the Gram form everywhere.
+    assert ghost_is_cheaper(seq_len=512, rows=384, cols=384, memory_ratio=0)
+    # A word embedding at T = 512 is cheaper to instantiate by FLOPs (35.4M vs 101.4M multiply-adds), but its
+    # (30522 x 384) gradient per sample is 60x the kept factors: memory keeps it on the Gram form.
+    assert not ghost_is_cheaper(seq_len=512, rows=30522, cols=384, indexed=True, memory_ratio=big)
     assert ghost_is_cheaper(seq_len=512, rows=30522, cols=384, indexed=True)
-    # A token-type table (2 x 384): T^2 * 384 + 2 T^2 <= 384 T + 1536  <=>  T <= 2.
-    assert ghost_is_cheaper(seq_len=2, rows=2, cols=384, indexed=True)
-    assert not ghost_is_cheaper(seq_len=3, rows=2, cols=384, indexed=True)
+    # A token-type table (2 x 384): T^2 * 386 + 384 T <= 384 T + 2304  <=>  T <= 2.
+    assert ghost_is_cheaper(seq_len=2, rows=2, cols=384, indexed=True, memory_ratio=big)
+    assert not ghost_is_cheaper(seq_len=3, rows=2, cols=384, indexed=True, memory_ratio=big)
 
 
 def test_long_sequences_take_both_branches_and_match_loop(monkeypatch):

@@ -92,7 +92,8 @@ def _outlier_case(kind):
         ("nan_loss_finite_grad", True, "l2"),
     ],
 )
-def test_nonfinite_example_contributes_nothing(kind, pass_losses, norm):
+@pytest.mark.parametrize("memory_ratio", [1.0, 1e9])  # 1e9: per-sample gradients instantiated and reused
+def test_nonfinite_example_contributes_nothing(kind, pass_losses, norm, memory_ratio):
     torch.manual_seed(0)
     model = tiny_model("bert", num_labels=1).train()  # float32: where a 1e25 label overflows
     batch, loss_fn = _outlier_case(kind)
@@ -101,7 +102,7 @@ def test_nonfinite_example_contributes_nothing(kind, pass_losses, norm):
     grads, ref_norms = _loop(ref_model, batch, finite, _mse, norm)
     clip_norm = float(ref_norms.median())  # some of the finite examples clipped, some not
 
-    clipper = GradClipper(model, clip_norm=clip_norm, norm=norm)
+    clipper = GradClipper(model, clip_norm=clip_norm, norm=norm, instantiate_memory_ratio=memory_ratio)
     with clipper.capture(batch_size=5):
         losses = loss_fn(model, batch)
         losses.sum().backward()

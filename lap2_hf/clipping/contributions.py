@@ -14,13 +14,17 @@ private learners", section 4): for one factored contribution
 
     ||grad_i||_F^2 = sum_{t,s} (left_t . left_s)(right_t . right_s) = <L_i L_i^T, R_i R_i^T>   (ghost norm)
 
-costs about ``T^2 (p + d)`` multiply-adds per sample (two Grams and their product); instantiating
-``grad_i`` costs about ``T p d`` (the outer products) plus ``p d`` (its squares). :func:`ghost_is_cheaper`
-takes whichever costs fewer FLOPs, and instantiates only when the transient ``(B, p, d)`` tensor is at
-most :data:`INSTANTIATE_MEMORY_RATIO` times the factors already kept, ``(B, T, p + d)`` (so the choice
-never raises the step's memory peak much). For MiniLM that is the Gram form up to T = 192 for the
-384 x 384 projections and up to T = 308 for the 1536 x 384 ones, instantiation beyond (the old rule,
-``2 T^2 < p d``, ghosted them up to T = 271 and T = 543, at up to 1.7x the FLOPs of instantiating).
+costs about ``T^2 (p + d)`` multiply-adds per sample (two Grams and their product), and the clipped sum
+then costs ``T p d`` more (one matmul over the kept factors, below). Instantiating ``grad_i`` costs ``T p d``
+(the outer products) plus ``p d`` (its squares), and the instantiated gradients are then *kept* in place of
+the factors, so the clipped sum is a weighted sum over the batch, ``p d`` (the book-keeping "mixed" choice of
+Bu et al. 2023, section 3.2: an instantiated per-sample gradient is never formed twice). :func:`ghost_is_cheaper`
+compares the two totals per layer. Memory decides too: the ``(B, p, d)`` gradients replace the factors
+``(B, T, p + d)`` until the clip, so they are instantiated only when at most ``memory_ratio`` times the
+factors' size (:data:`INSTANTIATE_MEMORY_RATIO` = 1 by default: the choice never raises what a step keeps;
+0 = ghost norms everywhere, the smallest memory). For MiniLM's 384 x 384 and 1536 x 384 projections that
+is the Gram form up to T = 191 and T = 307 and instantiation beyond (by FLOPs alone, instantiation would win
+from T = 20 and T = 25).
 
 Inputs shared by several layers (Q, K and V read one hidden state) need their Gram ``R R^T`` once: a
 :class:`GramCache` keeps the last one while the same tensor comes back (backward visits the three
@@ -80,27 +84,31 @@ class Dense:
 Contribution = Factored | Dense
 
 
-#: Instantiate a per-sample gradient ``(B, p, d)`` only when it is at most this many times the size of the
-#: factors kept anyway, ``(B, T, p + d)`` (``(B, T, d)`` plus T indices for an embedding): see the module
+#: Default of ``memory_ratio`` (:func:`ghost_is_cheaper`, ``GradClipper(instantiate_memory_ratio=...)``):
+#: instantiate a layer's per-sample gradients ``(B, p, d)`` only when they are at most this many times the
+#: factors they replace, ``(B, T, p + d)`` (``(B, T, d)`` plus T indices for an embedding). See the module
 #: docstring.
-INSTANTIATE_MEMORY_RATIO = 2.0
+INSTANTIATE_MEMORY_RATIO = 1.0
 
 
-def ghost_is_cheaper(*, seq_len: int, rows: int, cols: int, indexed: bool = False) -> bool:
+def ghost_is_cheaper(
+    *, seq_len: int, rows: int, cols: int, indexed: bool = False, memory_ratio: float = INSTANTIATE_MEMORY_RATIO
+) -> bool:
     """Whether the ghost norm of a ``(rows, cols)`` parameter with ``seq_len`` positions per sample is the
-    cheaper exact route (module docstring; Bu et al. 2023, section 3, the "mixed" ghost/instantiate choice).
+    route to take (module docstring; Bu et al. 2023, section 3.2, the "mixed" ghost / instantiate choice).
 
-    Multiply-adds per sample: ghost ``T^2 (p + d) + T^2`` (dense left factor) or ``T^2 d + 2 T^2`` (indexed:
-    the left Gram is a comparison of ids); instantiation ``T p d + p d`` (dense) or ``T d + 2 p d`` (indexed:
-    a scatter of T rows into a zeroed ``p x d`` table). Ghost is also taken whenever the instantiated
-    gradient would exceed :data:`INSTANTIATE_MEMORY_RATIO` times the kept factors.
+    Multiply-adds per sample, norm plus clipped sum: ghost ``T^2 (p + d + 1) + T p d`` (dense left factor) or
+    ``T^2 (d + 2) + T d`` (indexed: the left Gram is a comparison of ids, the sum a scatter of T rows);
+    instantiation ``T p d + 2 p d`` (dense) or ``T d + 3 p d`` (indexed: a scatter into a zeroed ``p x d``
+    table), whose gradient is then reused for the clipped sum. Ghost is also taken whenever the instantiated
+    gradient would exceed ``memory_ratio`` times the factors it replaces (``memory_ratio = 0``: always ghost).
     """
     t, p, d = seq_len, rows, cols
     if indexed:
-        ghost, inst, kept = t * t * d + 2 * t * t, t * d + 2 * p * d, t * (d + 1)
+        ghost, inst, kept = t * t * (d + 2) + t * d, t * d + 3 * p * d, t * (d + 1)
     else:
-        ghost, inst, kept = t * t * (p + d) + t * t, t * p * d + p * d, t * (p + d)
-    return ghost <= inst or p * d > INSTANTIATE_MEMORY_RATIO * kept
+        ghost, inst, kept = t * t * (p + d + 1) + t * p * d, t * p * d + 2 * p * d, t * (p + d)
+    return ghost <= inst or p * d > memory_ratio * kept
 
 
 class GramCache:
@@ -169,33 +177,45 @@ def instantiate(c: Contribution, shape: torch.Size) -> Tensor:
     return torch.einsum("btp,btd->bpd", c.left, c.right).reshape(batch, *shape)
 
 
-def sq_norms(contribs: list[Contribution], shape: torch.Size, *, cache: GramCache | None = None) -> Tensor:
-    """Squared L2 norm ``(B,)`` of each sample's gradient summed over ``contribs`` (same parameter).
+def sq_norms(
+    contribs: list[Contribution],
+    shape: torch.Size,
+    *,
+    cache: GramCache | None = None,
+    memory_ratio: float = INSTANTIATE_MEMORY_RATIO,
+) -> tuple[Tensor, list[Contribution]]:
+    """Squared L2 norm ``(B,)`` of each sample's gradient summed over ``contribs`` (same parameter), and the
+    contributions :func:`clipped_sum` should use for it.
 
-    One factored contribution takes the cheaper of the ghost norm and instantiation
-    (:func:`ghost_is_cheaper`); ``cache`` shares the input Gram with other parameters reading the same input.
+    One factored contribution takes the route :func:`ghost_is_cheaper` picks; when that is instantiation,
+    the second value is ``[Dense(grad)]``, the per-sample gradients just formed, so that the clipped sum
+    reuses them instead of repeating the ``T p d`` matmul (the factors can then be freed). Otherwise it is
+    ``contribs`` unchanged. ``cache`` shares the input Gram with other parameters reading the same input.
     """
     if len(contribs) == 1:
         c = contribs[0]
         if isinstance(c, Dense):
-            return c.grad.flatten(1).pow(2).sum(1)
-        if ghost_is_cheaper(seq_len=c.seq_len, rows=shape[0], cols=c.right.shape[-1], indexed=c.indexed):
-            return _pair_inner(c, c, cache)
-        return instantiate(c, shape).flatten(1).pow(2).sum(1)
+            return c.grad.flatten(1).pow(2).sum(1), contribs
+        if ghost_is_cheaper(
+            seq_len=c.seq_len, rows=shape[0], cols=c.right.shape[-1], indexed=c.indexed, memory_ratio=memory_ratio
+        ):
+            return _pair_inner(c, c, cache), contribs
+        grad = instantiate(c, shape)  # (B, *shape)
+        return grad.flatten(1).pow(2).sum(1), [Dense(grad)]
     dense = [c for c in contribs if isinstance(c, Dense)]
     factored = [c for c in contribs if isinstance(c, Factored)]
     if dense and factored:
         # Mixed forms on one parameter do not occur with the built-in rules; stay exact anyway.
         total = sum(instantiate(c, shape) for c in contribs)
-        return total.flatten(1).pow(2).sum(1)
+        return total.flatten(1).pow(2).sum(1), contribs
     if dense:
-        return sum(c.grad for c in dense).flatten(1).pow(2).sum(1)
+        return sum(c.grad for c in dense).flatten(1).pow(2).sum(1), contribs
     total = 0
     for k, x in enumerate(factored):
         total = total + _pair_inner(x, x)
         for y in factored[k + 1 :]:
             total = total + 2 * _pair_inner(x, y)
-    return total
+    return total, contribs
 
 
 def _indexed_l1(c: Factored) -> Tensor:

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .contributions import Contribution, GramCache, clipped_sum, l1_norms, sq_norms
+from .contributions import INSTANTIATE_MEMORY_RATIO, Contribution, GramCache, clipped_sum, l1_norms, sq_norms
 from .layers import BATCH_SHARED_EMBEDDINGS, MODE_DEPENDENT_MIXERS, batch_mixing_reason  # also registers built-ins
 from .rules import LayerRule, UnsupportedLayerError, rule_for
 
@@ -51,15 +51,32 @@ class GradClipper:
             the built-in ones are in :mod:`.layers`).
         clip_norm: the per-sample bound ``C > 0``.
         norm: ``"l2"`` (Gaussian, Lap2) or ``"l1"`` (standard Laplace).
+        instantiate_memory_ratio: per layer, L2 norms come from the ghost (Gram) form or from per-sample
+            gradients instantiated and then reused for the clipped sum, whichever costs fewer FLOPs, but
+            instantiated only when the ``(B, p, d)`` gradients are at most this many times the layer's kept
+            input and output gradients ``(B, T, p + d)`` (:func:`.contributions.ghost_is_cheaper`). The
+            default 1 never raises what a step keeps; 0 takes the ghost form everywhere (least memory);
+            larger values trade memory for time at medium sequence lengths. Same numbers either way.
     """
 
-    def __init__(self, model: nn.Module, *, clip_norm: float, norm: str = "l2"):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        clip_norm: float,
+        norm: str = "l2",
+        instantiate_memory_ratio: float = INSTANTIATE_MEMORY_RATIO,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not (isinstance(clip_norm, (int, float)) and clip_norm > 0 and clip_norm < float("inf")):
             raise ValueError(f"clip_norm must be a positive finite number, got {clip_norm!r}")
         if norm not in ("l2", "l1"):
             raise ValueError(f"norm must be 'l2' or 'l1', got {norm!r}")
+        r = instantiate_memory_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < float("inf"):
+            raise ValueError(f"instantiate_memory_ratio must be a finite number >= 0, got {r!r}")
+        self.instantiate_memory_ratio = float(r)
         self.model = model
         self.clip_norm = float(clip_norm)
         self.norm = norm
@@ -221,7 +238,13 @@ class GradClipper:
         if id(p) in self._finalised or not self._contribs.get(p):
             return
         lst = self._contribs[p]
-        part = l1_norms(lst, p.shape) if self.norm == "l1" else sq_norms(lst, p.shape, cache=self.gram_cache)
+        if self.norm == "l1":
+            part = l1_norms(lst, p.shape)
+        else:
+            # An instantiated per-sample gradient replaces the factors, for clip_and_accumulate to reuse.
+            part, self._contribs[p] = sq_norms(
+                lst, p.shape, cache=self.gram_cache, memory_ratio=self.instantiate_memory_ratio
+            )
         self._norm_acc = part if self._norm_acc is None else self._norm_acc + part
         self._finalised.add(id(p))
 
