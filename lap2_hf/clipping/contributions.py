@@ -17,12 +17,12 @@ private learners", section 4): for one factored contribution
 costs about ``T^2 (p + d)`` multiply-adds per sample (two Grams and their product), and the clipped sum
 then costs ``T p d`` more (one matmul over the kept factors, below). Instantiating ``grad_i`` costs ``T p d``
 (the outer products) plus ``p d`` (its squares), and the instantiated gradients are then *kept* in place of
-the factors, so the clipped sum is a weighted sum over the batch, ``p d`` (the book-keeping "mixed" choice of
-Bu et al. 2023, section 3.2: an instantiated per-sample gradient is never formed twice). :func:`ghost_is_cheaper`
+the factors, so the clipped sum is a weighted sum over the batch, ``p d`` (the "mixed" choice of Bu et al. 2023's
+book-keeping, BK-MixOpt: an instantiated per-sample gradient is never formed twice). :func:`ghost_is_cheaper`
 compares the two totals per layer. Memory decides too: the ``(B, p, d)`` gradients replace the factors
 ``(B, T, p + d)`` until the clip, so they are instantiated only when at most ``memory_ratio`` times the
 factors' size (:data:`INSTANTIATE_MEMORY_RATIO` = 1 by default: the choice never raises what a step keeps;
-0 = ghost norms everywhere, the smallest memory). For MiniLM's 384 x 384 and 1536 x 384 projections that
+0 = ghost norms everywhere). For MiniLM's 384 x 384 and 1536 x 384 projections that
 is the Gram form up to T = 191 and T = 307 and instantiation beyond (by FLOPs alone, instantiation would win
 from T = 20 and T = 25).
 
@@ -95,7 +95,7 @@ def ghost_is_cheaper(
     *, seq_len: int, rows: int, cols: int, indexed: bool = False, memory_ratio: float = INSTANTIATE_MEMORY_RATIO
 ) -> bool:
     """Whether the ghost norm of a ``(rows, cols)`` parameter with ``seq_len`` positions per sample is the
-    route to take (module docstring; Bu et al. 2023, section 3.2, the "mixed" ghost / instantiate choice).
+    route to take (module docstring; Bu et al. 2023, the ghost / instantiate choice of their BK-MixOpt).
 
     Multiply-adds per sample, norm plus clipped sum: ghost ``T^2 (p + d + 1) + T p d`` (dense left factor) or
     ``T^2 (d + 2) + T d`` (indexed: the left Gram is a comparison of ids, the sum a scatter of T rows);

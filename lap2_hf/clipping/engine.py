@@ -55,7 +55,8 @@ class GradClipper:
             gradients instantiated and then reused for the clipped sum, whichever costs fewer FLOPs, but
             instantiated only when the ``(B, p, d)`` gradients are at most this many times the layer's kept
             input and output gradients ``(B, T, p + d)`` (:func:`.contributions.ghost_is_cheaper`). The
-            default 1 never raises what a step keeps; 0 takes the ghost form everywhere (least memory);
+            default 1 never raises what a step keeps; 0 takes the ghost form everywhere (the engine before this
+            choice; for comparisons);
             larger values trade memory for time at medium sequence lengths. Same numbers either way.
     """
 
