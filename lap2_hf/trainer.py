@@ -6,7 +6,8 @@ an HF pipeline (datasets, collator, callbacks, evaluation, checkpoints, accelera
 One logical step (docs/design.md §5 and §6), per process:
 
 1. the Poisson sampler hands this process its share of the logical batch of step t (possibly empty);
-2. it is sorted by length and cut into physical chunks of ``per_device_train_batch_size``; each chunk
+2. it is sorted by length and cut into at most ceil(n / ``per_device_train_batch_size``) physical chunks with
+   the least padding, none larger in padded tokens than a chunk of that many longest examples; each chunk
    runs one forward and one backward, and the clipping engine adds ``sum_i c_i g_i`` to a running sum;
 3. the sums of all processes are all-reduced; identical generators on every rank add the noise once;
 4. ``p.grad = (sum + noise) / (q N)`` -- the *expected* batch size, never the drawn one -- and the HF

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from lap2_hf.sampling import LogicalBatch, PoissonBatchSampler, steps_per_epoch
 
@@ -57,11 +58,52 @@ def test_shards_are_disjoint_and_union_is_single_process_batch(world):
 def test_physical_chunks_sorted_and_complete():
     feats = [{"input_ids": [0] * n, "i": i} for i, n in enumerate([5, 1, 9, 3, 7])]
     chunks = LogicalBatch(feats).physical_chunks(2)
-    assert [len(c) for c in chunks] == [2, 2, 1]
+    assert len(chunks) <= 3
     flat = [f["i"] for c in chunks for f in c]
     assert sorted(flat) == list(range(5))
     assert [len(f["input_ids"]) for c in chunks for f in c] == [1, 3, 5, 7, 9]
+    assert all(len(c) * max(len(f["input_ids"]) for f in c) <= 2 * 9 for c in chunks)
     assert LogicalBatch([]).physical_chunks(4) == []
+    # Without lengths: size-example chunks in drawn order.
+    plain = LogicalBatch([{"x": i} for i in range(5)]).physical_chunks(2)
+    assert [[f["x"] for f in c] for c in plain] == [[0, 1], [2, 3], [4]]
+
+
+def test_short_examples_share_a_chunk_when_that_cuts_padding():
+    """Six 1-token and two 8-token examples, size 4: cutting every 4 pads to 4 + 32 = 36 tokens; six short ones
+    together (6 <= 4 x 8 tokens) and the two long ones pad to 6 + 16 = 22."""
+    feats = [{"input_ids": [0] * n} for n in [8, 1, 1, 8, 1, 1, 1, 1]]
+    chunks = LogicalBatch(feats).physical_chunks(4)
+    assert [[len(f["input_ids"]) for f in c] for c in chunks] == [[1] * 6, [8, 8]]
+
+
+def _brute_force_padding(lengths, size):
+    """Least padded tokens over every cut of the sorted lengths into <= ceil(n/size) chunks within the bound."""
+    n, bound, best = len(lengths), size * lengths[-1], None
+    for mask in range(1 << (n - 1)):
+        cuts = [0] + [j for j in range(1, n) if mask >> (j - 1) & 1] + [n]
+        if len(cuts) - 1 > -(-n // size):
+            continue
+        chunks = [(b - a) * lengths[b - 1] for a, b in zip(cuts, cuts[1:])]
+        if max(chunks) <= bound and (best is None or sum(chunks) < best):
+            best = sum(chunks)
+    return best
+
+
+def test_padding_optimal_cuts_match_brute_force_and_never_lose_to_plain_cuts():
+    from lap2_hf.sampling import padding_optimal_cuts
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(150):
+        n = int(torch.randint(1, 11, (1,), generator=gen))
+        size = int(torch.randint(1, 5, (1,), generator=gen))
+        lengths = sorted(torch.randint(1, 7, (n,), generator=gen).tolist())
+        cuts = padding_optimal_cuts(lengths, size=size)
+        assert cuts[0] == 0 and cuts[-1] == n and all(a < b for a, b in zip(cuts, cuts[1:]))
+        chunks = [(b - a) * lengths[b - 1] for a, b in zip(cuts, cuts[1:])]
+        assert len(chunks) <= -(-n // size) and max(chunks) <= size * lengths[-1]
+        plain = sum(len(lengths[i : i + size]) * lengths[min(i + size, n) - 1] for i in range(0, n, size))
+        assert sum(chunks) == _brute_force_padding(lengths, size) <= plain, (lengths, size, cuts)
 
 
 def test_bad_arguments():
