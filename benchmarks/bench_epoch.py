@@ -26,6 +26,11 @@ accountant, optimizer). "backward and taps" is what remains of ``training_step``
 engine's layer taps. "HF loop" is the rest of the step wall time. The plain arm gets the same wrappers where
 they apply (collator, ``training_step`` = forward + backward, optimizer).
 
+Padded tokens per step: the ``input_ids`` elements of every collated physical chunk, the work the model does.
+``--lap2-plain-cuts`` adds the arm "lap2 plain cuts", Lap2Trainer cutting its sorted batch every ``--physical``
+examples as it did before padding-optimal chunks (:func:`lap2_hf.sampling.padding_optimal_cuts` replaced for
+that arm), for a before / after in one run.
+
 Timing noise: run it alone (every other process on the 2 cores slows the training threads unevenly).
 ``--rounds`` > 1 repeats both arms in alternating order with fresh trainers and reports the median of rounds.
 
@@ -110,6 +115,20 @@ class _Timers:
         self._stack.close()
 
 
+def _count_tokens(trainer, timers: _Timers) -> None:
+    """Add the padded tokens of every physical chunk the trainer collates to ``timers.seconds["tokens"]``
+    (a count kept beside the phase seconds; the collator is wrapped inside the timing wrapper)."""
+    collate = trainer.data_collator
+
+    def counting(features):
+        out = collate(features)
+        if "input_ids" in out:
+            timers.seconds["tokens"] += out["input_ids"].numel()
+        return out
+
+    trainer.data_collator = counting
+
+
 class _StepClock(TrainerCallback):
     """Wall time at the end of every optimizer step; the phase timers restart after the first step (set-up)."""
 
@@ -136,6 +155,7 @@ def _lap2_trainer(args, out_dir: str):
         "--config", args.config,
         "--privacy.mechanism", args.mechanism,
         "--privacy.expected_batch_size", str(args.batch),
+        "--privacy.seed", "0",  # a public seed: every lap2 arm draws the same Poisson batches
         "--training.max_steps", str(args.steps),
         "--training.per_device_train_batch_size", str(args.physical),
         "--training.eval_strategy", "no",
@@ -202,8 +222,19 @@ def _run(trainer, timers: _Timers) -> dict:
     }
 
 
-def run_lap2(trainer) -> dict:
+def _plain_cuts(lengths, *, size):
+    """The cuts Lap2Trainer made before padding-optimal chunking: every ``size`` examples of the sorted batch."""
+    n = len(lengths)
+    return list(range(0, n, size)) + [n]
+
+
+def run_lap2(trainer, *, plain_cuts: bool = False) -> dict:
     t = _Timers()
+    _count_tokens(trainer, t)
+    if plain_cuts:  # the "before" arm: sampling.padding_optimal_cuts (public) replaced for this arm only
+        original = sampling.padding_optimal_cuts
+        sampling.padding_optimal_cuts = _plain_cuts
+        t._stack.callback(lambda: setattr(sampling, "padding_optimal_cuts", original))
     t.wrap(sampling.PoissonBatchSampler, "indices", "sampling")
     t.wrap(datasets.Dataset, "__getitems__", "row fetch")
     t.wrap(sampling, "collate_logical", "logical collation")
@@ -230,6 +261,7 @@ def run_lap2(trainer) -> dict:
 
 def run_plain(trainer) -> dict:
     t = _Timers()
+    _count_tokens(trainer, t)
     t.wrap(trainer, "data_collator", "padding collator")
     t.wrap(trainer, "training_step", "forward and backward")
     t.wrap(torch.optim.AdamW, "step", "optimizer")
@@ -249,6 +281,12 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--lora", action="store_true", help="keep the config's model.lora adapters (default: full fine-tuning)"
     )
+    ap.add_argument(
+        "--lap2-plain-cuts",
+        action="store_true",
+        help="add an arm 'lap2 plain cuts': Lap2Trainer cutting every --physical examples (before / after of "
+        "padding-optimal chunks in one run)",
+    )
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--out", help="write the markdown report here too")
@@ -266,6 +304,9 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             lap2 = _lap2_trainer(args, os.path.join(tmp, f"lap2-{r}"))
             arms = [("lap2", run_lap2, lap2)]
+            if args.lap2_plain_cuts:
+                before = _lap2_trainer(args, os.path.join(tmp, f"lap2-plain-cuts-{r}"))
+                arms.append(("lap2 plain cuts", lambda tr: run_lap2(tr, plain_cuts=True), before))
             for sampling_ in args.plain_sampling:
                 # Same weights and trainable set for every arm: copied before the engine attaches at train().
                 out = os.path.join(tmp, f"plain-{sampling_}-{r}")
@@ -290,7 +331,8 @@ def main(argv=None) -> int:
 
 def _report(args, rounds: list[dict], argv) -> str:
     names = list(rounds[0])
-    plains = [n for n in names if n != "lap2"]
+    plains = [n for n in names if n.startswith("plain")]
+    lap2s = [n for n in names if not n.startswith("plain")]
     med = {arm: statistics.median(r[arm]["median"] for r in rounds) for arm in names}
     mean = {arm: statistics.median(r[arm]["mean"] for r in rounds) for arm in names}
     plan = rounds[0]["lap2"]["plan"]
@@ -303,31 +345,37 @@ def _report(args, rounds: list[dict], argv) -> str:
         f"threads; config {args.config}, mechanism {plan.mechanism}, noised coordinates {plan.dim:,}, "
         f"physical batch {args.physical}, rounds {args.rounds}.",
         "",
-        "| arm | mean step (s) | median step (s) | first step (s) | per-round means |",
-        "|---|---|---|---|---|",
+        "| arm | mean step (s) | median step (s) | first step (s) | padded tokens per step | per-round means |",
+        "|---|---|---|---|---|---|",
     ]
-    for arm in (*plains, "lap2"):
+    for arm in (*plains, *lap2s):
         per = ", ".join(f"{r[arm]['mean']:.2f}" for r in rounds)
         first = statistics.median(r[arm]["first"] for r in rounds)
-        lines.append(f"| {arm} | {mean[arm]:.2f} | {med[arm]:.2f} | {first:.2f} | {per} |")
+        tokens = statistics.median(r[arm]["per_step"].get("tokens", 0.0) for r in rounds)
+        lines.append(f"| {arm} | {mean[arm]:.2f} | {med[arm]:.2f} | {first:.2f} | {tokens:,.0f} | {per} |")
     lines.append("")
     for arm in plains:
-        lines.append(
-            f"**Ratio lap2 / {arm}: {mean['lap2'] / mean[arm]:.3f}x (mean step)**, {med['lap2'] / med[arm]:.3f}x "
-            "(median step)  "
-        )
+        for mine in lap2s:
+            lines.append(
+                f"**Ratio {mine} / {arm}: {mean[mine] / mean[arm]:.3f}x (mean step)**, "
+                f"{med[mine] / med[arm]:.3f}x (median step)  "
+            )
     lines += ["", "Where a step's time goes (seconds per step after the first, median over rounds):", ""]
-    lines += ["| part | lap2 | " + " | ".join(plains) + " |", "|---|---|" + "---|" * len(plains)]
+    lines += [
+        "| part | " + " | ".join(lap2s + plains) + " |",
+        "|---|" + "---|" * (len(lap2s) + len(plains)),
+    ]
 
     def cell(arm, key):
         return f"{statistics.median(r[arm]['per_step'].get(key, 0.0) for r in rounds):.3f}"
 
     shared = ("padding collator", "optimizer")
     for phase in PHASES:
+        mine = " | ".join(cell(a, phase) for a in lap2s)
         others = " | ".join(cell(a, phase) if phase in shared else "" for a in plains)
-        lines.append(f"| {phase} | {cell('lap2', phase)} | {others} |")
+        lines.append(f"| {phase} | {mine} | {others} |")
     fwd_bwd = " | ".join(cell(a, "forward and backward") for a in plains)
-    lines.append(f"| forward and backward (plain: `training_step`) | | {fwd_bwd} |")
+    lines.append(f"| forward and backward (plain: `training_step`) |{' |' * len(lap2s)} {fwd_bwd} |")
     return "\n".join(lines) + "\n"
 
 
