@@ -103,13 +103,11 @@ class _Timers:
             finally:
                 seconds[phase] += time.perf_counter() - t0
 
-        if isinstance(owner, type):
-            had = name in vars(owner)
-            setattr(owner, name, timed)
-            self._stack.callback(lambda: setattr(owner, name, original) if had else delattr(owner, name))
-        else:
-            setattr(owner, name, timed)
-            self._stack.callback(lambda: owner.__dict__.pop(name, None))
+        # Restore what was there: the owner's own attribute (a module function, an instance's wrapped
+        # collator), or nothing when the name came from a class (a method seen through an instance or subclass).
+        had = name in vars(owner)
+        setattr(owner, name, timed)
+        self._stack.callback(lambda: setattr(owner, name, original) if had else delattr(owner, name))
 
     def close(self) -> None:
         self._stack.close()
