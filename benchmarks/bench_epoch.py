@@ -220,18 +220,12 @@ def _run(trainer, timers: _Timers) -> dict:
     }
 
 
-def _plain_cuts(lengths, *, size):
-    """The cuts Lap2Trainer made before padding-optimal chunking: every ``size`` examples of the sorted batch."""
-    n = len(lengths)
-    return list(range(0, n, size)) + [n]
-
-
 def run_lap2(trainer, *, plain_cuts: bool = False) -> dict:
     t = _Timers()
     _count_tokens(trainer, t)
     if plain_cuts:  # the "before" arm: sampling.padding_optimal_cuts (public) replaced for this arm only
         original = sampling.padding_optimal_cuts
-        sampling.padding_optimal_cuts = _plain_cuts
+        sampling.padding_optimal_cuts = lambda lengths, *, size: sampling.plain_cuts(len(lengths), size=size)
         t._stack.callback(lambda: setattr(sampling, "padding_optimal_cuts", original))
     t.wrap(sampling.PoissonBatchSampler, "indices", "sampling")
     t.wrap(datasets.Dataset, "__getitems__", "row fetch")

@@ -182,6 +182,12 @@ class LogicalBatch:
 MAX_CUT_CANDIDATES = 2048
 
 
+def plain_cuts(n: int, *, size: int) -> list[int]:
+    """Cut points ``[0, size, 2 size, ..., n]``: every ``size`` examples of a sorted batch of ``n``, the
+    cutting before padding-optimal chunks and :func:`padding_optimal_cuts`' fallback."""
+    return list(range(0, n, size)) + [n]
+
+
 def padding_optimal_cuts(lengths: list[int], *, size: int) -> list[int]:
     """Cut points ``0 = c_0 < c_1 < ... < c_m = n`` of ascending ``lengths`` into ``m <= ceil(n / size)``
     contiguous chunks that minimise the padded tokens ``sum_k (c_k - c_{k-1}) * lengths[c_k - 1]`` subject to
@@ -199,7 +205,7 @@ def padding_optimal_cuts(lengths: list[int], *, size: int) -> list[int]:
     n = len(lengths)
     if n == 0:
         return [0]
-    plain = list(range(0, n, size)) + [n]
+    plain = plain_cuts(n, size=size)
     bound = size * lengths[-1]
     starts = [0] + [j for j in range(1, n) if lengths[j] != lengths[j - 1]]  # run starts
     runs = list(zip(starts, starts[1:] + [n]))  # [start, end) of each run of equal lengths

@@ -106,6 +106,18 @@ def test_padding_optimal_cuts_match_brute_force_and_never_lose_to_plain_cuts():
         assert sum(chunks) == _brute_force_padding(lengths, size) <= plain, (lengths, size, cuts)
 
 
+def test_plain_cuts_are_the_fallback_above_the_candidate_limit(monkeypatch):
+    """Above MAX_CUT_CANDIDATES the cutting is every ``size`` examples, the same list plain_cuts gives."""
+    from lap2_hf import sampling
+
+    assert sampling.plain_cuts(5, size=2) == [0, 2, 4, 5]
+    assert sampling.plain_cuts(0, size=3) == [0]
+    lengths = [1, 1, 1, 1, 1, 1, 8, 8]  # optimal: [0, 6, 8] (see the test above)
+    assert sampling.padding_optimal_cuts(lengths, size=4) == [0, 6, 8]
+    monkeypatch.setattr(sampling, "MAX_CUT_CANDIDATES", 1)
+    assert sampling.padding_optimal_cuts(lengths, size=4) == sampling.plain_cuts(8, size=4) == [0, 4, 8]
+
+
 def test_bad_arguments():
     for kw, msg in [
         ({"num_examples": 0}, "num_examples"),
