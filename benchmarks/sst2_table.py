@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+import yaml
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORDER = ["nonprivate", "eps0538", "eps3738", "eps1158", "eps0911"]  # baseline, then the headline
 MECHS = ["gaussian", "lap2", "laplace"]
@@ -65,18 +67,31 @@ def load_runs(results_root: str) -> list[dict]:
             m = json.load(fh)
         with open(os.path.join(os.path.dirname(path), "command.txt")) as fh:
             m["command_txt"] = fh.read().strip().splitlines()
+        cfg_path = os.path.join(os.path.dirname(path), "config.yaml")
+        if os.path.isfile(cfg_path):
+            with open(cfg_path) as fh:
+                m["config"] = yaml.safe_load(fh) or {}
         runs.append(m)
     return runs
 
 
 def _kind(run: dict) -> str:
-    """'main', 'seed<k>' (a repeat with other privacy and training seeds) or 'lora', from the run name."""
-    name = run["run"]
-    if "_lora" in name:
-        return "lora"
-    if "_seed" in name:
-        return "seed" + name.rsplit("_seed", 1)[1]
-    return "main"
+    """'main', 'seed<k>' (a repeat with other privacy and training seeds) or 'variant' (another fixed setting,
+    e.g. LoRA: ``sst2_eps3738_gaussian_<tag>``), from the run name ``sst2_eps<eps>_<mechanism>[_<suffix>]``."""
+    parts = run["run"].split("_")
+    if len(parts) <= 3 or parts[1] == "nonprivate":
+        return "main"
+    if parts[3].startswith("seed"):
+        return parts[3]
+    return "variant"
+
+
+def _variant_label(run: dict) -> str:
+    """What a variant row trains, with the clipping norm and learning rate of its resolved config."""
+    cfg = run.get("config", {})
+    lr = cfg.get("training", {}).get("learning_rate")
+    what = "LoRA adapters + head" if cfg.get("model", {}).get("lora") else "full fine-tuning"
+    return f"{what} (n = {run['noised_coordinates']:,}, C = {run['clip_norm']}, lr {lr})"
 
 
 def _acc(r: dict | None) -> str:
@@ -115,11 +130,10 @@ def table(runs: list[dict]) -> str:
             )
     r = main.get(("none", None))
     lines.append(f"| inf | none (non-private) | {_acc(r)} | - | inf | - | {r['steps_taken'] if r else ''} | - |")
-    for r in (x for x in runs if _kind(x) == "lora"):
+    for r in sorted((x for x in runs if _kind(x) == "variant"), key=lambda x: x["run"]):
         noise = f"{'sigma' if r['mechanism'] == 'gaussian' else 'b/C'} = {r['noise']:.4f}"
         lines.append(
-            f"| {r['target_epsilon']} | {r['mechanism']}, LoRA adapters + head (n = {r['noised_coordinates']:,}, "
-            f"C = {r['clip_norm']}) | "
+            f"| {r['target_epsilon']} | {r['mechanism']}, {_variant_label(r)} | "
             f"{_acc(r)} | - | {r['epsilon_spent']:.4f} | {noise} | {r['steps_taken']}/{r['steps_planned']} | - |"
         )
     return "\n".join(lines)
