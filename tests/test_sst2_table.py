@@ -1,0 +1,74 @@
+"""benchmarks/sst2_table.py: which run is a table row, a repeat or a variant, and what its table line says."""
+
+import importlib.util
+import json
+import os
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("sst2_table", os.path.join(ROOT, "benchmarks", "sst2_table.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write_run(root, name, *, mech, eps, acc, lora=False, lr=5e-4, clip=0.1):
+    d = os.path.join(root, "runs", name)
+    os.makedirs(d)
+    metrics = {
+        "run": name,
+        "mechanism": mech,
+        "noise": 0.7818,
+        "clip_norm": clip,
+        "target_epsilon": eps,
+        "epsilon_spent": eps,
+        "delta": 7.424e-6,
+        "sample_rate": 0.0152,
+        "steps_planned": 198,
+        "steps_taken": 198,
+        "noised_coordinates": 332546 if lora else 10845698,
+        "num_train_examples": 63981,
+        "eval_accuracy": acc,
+        "evaluations": [],
+    }
+    with open(os.path.join(d, "metrics.json"), "w") as fh:
+        json.dump(metrics, fh)
+    with open(os.path.join(d, "command.txt"), "w") as fh:
+        fh.write(f"python scripts/finetune.py --config configs/minilm/{name}.yaml\nmachine: m\ndate: d\n")
+    cfg = {"model": {"lora": {"r": 8}} if lora else {}, "training": {"learning_rate": lr}}
+    with open(os.path.join(d, "config.yaml"), "w") as fh:
+        yaml.safe_dump(cfg, fh)
+
+
+def test_rows_repeats_and_variants(tmp_path):
+    mod = _module()
+    root = str(tmp_path)
+    _write_run(root, "sst2_eps3738_gaussian", mech="gaussian", eps=3.7382, acc=0.8211)
+    _write_run(root, "sst2_eps0538_gaussian_seed1", mech="gaussian", eps=0.5384, acc=0.8005)
+    _write_run(root, "sst2_eps0538_gaussian", mech="gaussian", eps=0.5384, acc=0.7947)
+    _write_run(
+        root, "sst2_eps3738_gaussian_lora", mech="gaussian", eps=3.7382, acc=0.8394, lora=True, lr=3e-3, clip=3.5
+    )
+    _write_run(root, "sst2_eps3738_gaussian_c10", mech="gaussian", eps=3.7382, acc=0.8383, lr=1e-3, clip=10.0)
+    runs = mod.load_runs(root)
+    kinds = {r["run"]: mod._kind(r) for r in runs}
+    assert kinds == {
+        "sst2_eps3738_gaussian": "main",
+        "sst2_eps0538_gaussian": "main",
+        "sst2_eps0538_gaussian_seed1": "seed1",
+        "sst2_eps3738_gaussian_lora": "variant",
+        "sst2_eps3738_gaussian_c10": "variant",
+    }
+    lines = mod.table(runs).splitlines()
+    main_3738 = next(x for x in lines if x.startswith("| 3.7382 | gaussian | "))
+    assert "82.11%" in main_3738  # the variants do not replace the table's own row
+    main_0538 = next(x for x in lines if x.startswith("| 0.5384 | gaussian | "))
+    assert "79.47%" in main_0538 and "80.05%" in main_0538  # the repeat sits in "other seeds"
+    variants = [x for x in lines if x.startswith("| 3.7382 | gaussian, ")]
+    assert len(variants) == 2
+    assert "full fine-tuning (n = 10,845,698, C = 10.0, lr 0.001)" in variants[0] and "83.83%" in variants[0]
+    assert "LoRA adapters + head (n = 332,546, C = 3.5, lr 0.003)" in variants[1] and "83.94%" in variants[1]
