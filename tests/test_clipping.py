@@ -422,3 +422,20 @@ def test_gram_cache_misses_on_another_or_changed_tensor():
     assert torch.allclose(cache.right_gram(b), b @ b.transpose(1, 2)) and cache.computed == 3
     cache.right_gram(b[:, :2])  # a view of other shape
     assert cache.computed == 4
+
+
+def test_factored_l1_norms_match_instantiated_gradients_bit_for_bit():
+    """The reused-buffer L1 path gives exactly ``instantiate(c).abs().sum()``, also for a last chunk of
+    another size (13 = 8 + 5) and in float64."""
+    from lap2_hf.clipping.contributions import Factored, instantiate, l1_norms
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        c = Factored(
+            torch.randn(13, 5, 7, generator=gen, dtype=dtype), torch.randn(13, 5, 3, generator=gen, dtype=dtype), 7
+        )
+        got = l1_norms([c], torch.Size([7, 3]), chunk=8)
+        want = instantiate(c, torch.Size([7, 3])).flatten(1).abs().sum(1)
+        assert got.dtype == dtype and torch.equal(got, want)
+        # The factors are left as they were (the buffer is made absolute in place, not the inputs).
+        assert (c.left < 0).any() and (c.right < 0).any()

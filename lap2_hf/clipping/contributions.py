@@ -228,14 +228,32 @@ def _indexed_l1(c: Factored) -> Tensor:
     return out.index_add_(0, torch.div(uniq, c.rows, rounding_mode="floor"), rows.abs().sum(1))
 
 
+def _factored_l1(c: Factored, chunk: int) -> Tensor:
+    """Per-sample L1 norm of ``sum_t left_t (outer) right_t``, ``chunk`` samples at a time into one reused
+    ``(chunk, p, d)`` buffer, made absolute in place: a fresh buffer per chunk (tens of MiB) cost more than
+    the matmul itself on CPU (allocation and page faults), about 2.5x the whole norm (measured on MiniLM's
+    layers at B = 128, T = 16). Same summation as ``instantiate(c).abs().sum()``, so the same numbers."""
+    batch = c.right.shape[0]
+    out = c.right.new_empty(batch)
+    buf = None
+    for start in range(0, batch, chunk):
+        left = c.left[start : start + chunk].transpose(1, 2)  # (b, p, T)
+        right = c.right[start : start + chunk]  # (b, T, d)
+        if buf is None or buf.shape[0] != left.shape[0]:
+            buf = right.new_empty(left.shape[0], left.shape[1], right.shape[2])  # (b, p, d)
+        torch.bmm(left, right, out=buf)
+        out[start : start + left.shape[0]] = buf.abs_().flatten(1).sum(1)
+    return out
+
+
 def l1_norms(contribs: list[Contribution], shape: torch.Size, *, chunk: int = 8) -> Tensor:
     """Per-sample L1 norm ``(B,)`` of the gradient summed over ``contribs`` (standard Laplace).
 
     L1 norms have no Gram form, so per-sample gradients are instantiated, ``chunk`` samples at a time
     to bound memory (exact, slower: docs/design.md §4).
     """
-    if len(contribs) == 1 and isinstance(contribs[0], Factored) and contribs[0].indexed:
-        return _indexed_l1(contribs[0])
+    if len(contribs) == 1 and isinstance(contribs[0], Factored):
+        return _indexed_l1(contribs[0]) if contribs[0].indexed else _factored_l1(contribs[0], chunk)
     batch = _batch_size(contribs[0])
     out = []
     for start in range(0, batch, chunk):
