@@ -435,7 +435,11 @@ def test_factored_l1_norms_match_instantiated_gradients_bit_for_bit():
             torch.randn(13, 5, 7, generator=gen, dtype=dtype), torch.randn(13, 5, 3, generator=gen, dtype=dtype), 7
         )
         got = l1_norms([c], torch.Size([7, 3]), chunk=8)
-        want = instantiate(c, torch.Size([7, 3])).flatten(1).abs().sum(1)
+        grads = instantiate(c, torch.Size([7, 3]))
+        # instantiate itself against a per-example loop of outer products (an independent reference).
+        loop = torch.stack([sum(torch.outer(c.left[b, t], c.right[b, t]) for t in range(5)) for b in range(13)])
+        torch.testing.assert_close(grads, loop)
+        want = grads.flatten(1).abs().sum(1)
         assert got.dtype == dtype and torch.equal(got, want)
         # The factors are left as they were (the buffer is made absolute in place, not the inputs).
         assert (c.left < 0).any() and (c.right < 0).any()
