@@ -545,6 +545,11 @@ class Lap2Trainer(Trainer):
         plan = self.plan
         if not get_spec(plan.mechanism).private or plan.target_epsilon is None:
             return True
+        if self.accountant.steps < plan.prior_steps + plan.steps and plan.planned_epsilon <= plan.target_epsilon:
+            # Still inside the plan, whose end was checked against the target when it was made: the accountant's
+            # epsilon only grows as steps are appended (composition), so each of these prefixes is within the
+            # target too. Saves one composition per step, which under PLD costs 1-3 s (seconds, not microseconds).
+            return True
         nxt = self.accountant.epsilon_after(
             delta=plan.delta, mechanism=plan.mechanism, noise=plan.noise, sample_rate=plan.sample_rate, dim=plan.dim
         )

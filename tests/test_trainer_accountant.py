@@ -65,6 +65,25 @@ def test_budget_stop_under_pld(tmp_path, monkeypatch):
     assert nxt > 2.0
 
 
+def test_budget_look_ahead_inside_the_plan_composes_nothing(tmp_path, monkeypatch):
+    """Calibrated noise: the plan's end was checked against the target, so the per-step look-ahead must not
+    recompose the PLD history every step (1-3 s each on CPU; it did before). Past the plan it still asks."""
+    from lap2_hf.accounting.accountant import PldAccountant as Pld
+
+    calls = []
+    real = Pld.epsilon_after
+    monkeypatch.setattr(Pld, "epsilon_after", lambda self, **kw: calls.append(kw.get("count", 1)) or real(self, **kw))
+    tr = _trainer(tmp_path, dp_mechanism="gaussian", dp_target_epsilon=3.0, max_steps=6)
+    tr.train()
+    assert tr.accountant.steps == 6 and tr.privacy_spent() <= 3.0
+    # Calibration and the plan ask about all 6 steps at once; a look-ahead asks about one more step, and only
+    # once here: after step 6, past the plan (before the fix: twice per step, 12 calls, one new composition each step).
+    assert set(calls) == {1, 6} and calls.count(1) == 1 and calls[-1] == 1
+    # Past the plan the exact look-ahead refuses: one more step would cross the target the noise was
+    # calibrated for.
+    assert not tr._budget_allows_step() and calls.count(1) == 2
+
+
 def test_resume_keeps_the_pld_accountant(tmp_path):
     kw = dict(dp_mechanism="gaussian", dp_target_epsilon=3.0, max_steps=4, save_strategy="steps", save_steps=2)
     torch.manual_seed(3)
