@@ -4,12 +4,18 @@
     python benchmarks/sst2_table.py --report-only         # rebuild table + plot from finished runs
     python benchmarks/sst2_table.py --only eps0538        # run a subset (substring match on config names)
     python benchmarks/sst2_table.py --tuning              # the held-out tuning runs (configs/minilm/tuning/)
+    python benchmarks/sst2_table.py --zero-shot           # dev accuracy of the model every row starts from
 
 Each config in ``configs/minilm/`` is one ``scripts/finetune.py`` run in its own process; a run whose
 ``metrics.json`` exists is skipped, and a run that was interrupted resumes from its latest complete
 checkpoint (``run.resume: auto``; checkpoints live in ``runs/<name>/``, outside git, so a run resumes on
 the machine that started it). Commit each finished row. Numbers in the table are read from the runs'
 ``metrics.json`` files only; the text outside the generated markers of the README is written by hand.
+
+``--zero-shot`` evaluates the model of the table's config before any step (MiniLM with its zero-shot head, built
+from two public prompts) on the dev set: the starting point every row is measured against. It trains nothing,
+spends no privacy and reads no training example (the training file is only loaded and tokenised by the shared
+set-up); it goes in the table as epsilon 0.
 """
 
 from __future__ import annotations
@@ -60,6 +66,43 @@ def run_missing(files: list[str], results_root: str, extra: list[str]) -> None:
         print(f"[done] {cfg} in {time.time() - t0:.0f} s", flush=True)
 
 
+ZERO_SHOT = "sst2_zeroshot"
+
+
+def zero_shot(config: str, results_root: str) -> dict:
+    """Dev accuracy of ``config``'s model as built (no step): written as ``runs/sst2_zeroshot/metrics.json``."""
+    import datetime
+    import tempfile
+
+    sys.path.insert(0, ROOT)
+    from lap2_hf.finetune import _machine, prepare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = prepare(["--config", config, "--run.results_dir", tmp, "--training.output_dir", tmp])
+        metrics = run.trainer.evaluate()
+    summary = {
+        "run": ZERO_SHOT,
+        "mechanism": "none",
+        "trained": False,
+        "target_epsilon": 0.0,
+        "epsilon_spent": 0.0,
+        "steps_planned": 0,
+        "steps_taken": 0,
+        "eval_accuracy": metrics["eval_accuracy"],
+        "eval_loss": metrics["eval_loss"],
+        "evaluations": [],
+    }
+    out = os.path.join(results_root, "runs", ZERO_SHOT)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    with open(os.path.join(out, "command.txt"), "w") as fh:
+        fh.write(f"python benchmarks/sst2_table.py --zero-shot --zero-shot-config {os.path.relpath(config, ROOT)}\n")
+        fh.write(f"machine: {_machine()}\n")
+        fh.write(f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n")
+    return summary
+
+
 def load_runs(results_root: str) -> list[dict]:
     runs = []
     for path in sorted(glob.glob(os.path.join(results_root, "runs", "*", "metrics.json"))):
@@ -77,7 +120,10 @@ def load_runs(results_root: str) -> list[dict]:
 
 def _kind(run: dict) -> str:
     """'main', 'seed<k>' (a repeat with other privacy and training seeds) or 'variant' (another fixed setting,
-    e.g. LoRA: ``sst2_eps3738_gaussian_<tag>``), from the run name ``sst2_eps<eps>_<mechanism>[_<suffix>]``."""
+    e.g. LoRA: ``sst2_eps3738_gaussian_<tag>``), from the run name ``sst2_eps<eps>_<mechanism>[_<suffix>]``;
+    'zero-shot' for the untrained starting point (:func:`zero_shot`)."""
+    if run.get("trained") is False:
+        return "zero-shot"
     parts = run["run"].split("_")
     if len(parts) <= 3 or parts[1] == "nonprivate":
         return "main"
@@ -113,7 +159,8 @@ def table(runs: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for eps in sorted(
-        set(PAPER) | {r["target_epsilon"] for r in runs if r["target_epsilon"] is not None}, reverse=True
+        set(PAPER) | {r["target_epsilon"] for r in runs if r["target_epsilon"] is not None and _kind(r) != "zero-shot"},
+        reverse=True,
     ):
         for mech in MECHS:
             r = main.get((mech, eps))
@@ -130,6 +177,10 @@ def table(runs: list[dict]) -> str:
             )
     r = main.get(("none", None))
     lines.append(f"| inf | none (non-private) | {_acc(r)} | - | inf | - | {r['steps_taken'] if r else ''} | - |")
+    for r in (x for x in runs if _kind(x) == "zero-shot"):
+        lines.append(
+            f"| 0 | none (zero-shot head, no training: where every row starts) | {_acc(r)} | - | 0 | - | 0 | - |"
+        )
     for r in sorted((x for x in runs if _kind(x) == "variant"), key=lambda x: x["run"]):
         noise = f"{'sigma' if r['mechanism'] == 'gaussian' else 'b/C'} = {r['noise']:.4f}"
         lines.append(
@@ -168,7 +219,7 @@ def report(results_root: str) -> str:
         new = old.rstrip() + "\n\n" + generated + "\n"
     with open(path, "w") as fh:
         fh.write(new)
-    plot([r for r in runs if _kind(r) == "main"], os.path.join(results_root, "accuracy_vs_epsilon.png"))
+    plot([r for r in runs if _kind(r) in ("main", "zero-shot")], os.path.join(results_root, "accuracy_vs_epsilon.png"))
     return text
 
 
@@ -218,9 +269,12 @@ def plot(runs: list[dict], path: str) -> None:
         pts = sorted((r["target_epsilon"], 100 * r["eval_accuracy"]) for r in runs if r["mechanism"] == mech)
         if pts:
             ax.plot(*zip(*pts), marker=marker, label=mech)
-    base = [r for r in runs if r["mechanism"] == "none"]
+    base = [r for r in runs if r["mechanism"] == "none" and _kind(r) == "main"]
     if base:
         ax.axhline(100 * base[0]["eval_accuracy"], color="gray", ls="--", label="non-private")
+    start = [r for r in runs if _kind(r) == "zero-shot"]
+    if start:
+        ax.axhline(100 * start[0]["eval_accuracy"], color="tab:olive", ls="-.", label="zero-shot start (no training)")
     ax.axhline(100 * 444 / 872, color="lightgray", ls=":", label="majority class")
     ax.set_xscale("log")
     ax.set_xlabel("epsilon (sound RDP accountant)")
@@ -240,7 +294,13 @@ def main() -> None:
     ap.add_argument(
         "--tuning", action="store_true", help="run/report configs/minilm/tuning into results/sst2_minilm_tuning"
     )
+    ap.add_argument("--zero-shot", action="store_true", help="evaluate the table's starting model on dev (no training)")
+    ap.add_argument("--zero-shot-config", default=os.path.join(ROOT, "configs", "minilm", "sst2_eps3738_gaussian.yaml"))
     args, extra = ap.parse_known_args()
+    if args.zero_shot:
+        print(zero_shot(args.zero_shot_config, args.results))
+        print(report(args.results))
+        return
     if args.tuning:
         args.config_dir = os.path.join(ROOT, "configs", "minilm", "tuning")
         args.results = os.path.join(ROOT, "results", "sst2_minilm_tuning")

@@ -72,3 +72,61 @@ def test_rows_repeats_and_variants(tmp_path):
     assert len(variants) == 2
     assert "full fine-tuning (n = 10,845,698, C = 10.0, lr 0.001)" in variants[0] and "83.83%" in variants[0]
     assert "LoRA adapters + head (n = 332,546, C = 3.5, lr 0.003)" in variants[1] and "83.94%" in variants[1]
+
+
+def test_zero_shot_start_is_its_own_line(tmp_path):
+    """The untrained starting point is listed at epsilon 0, apart from the non-private row, and adds no
+    empty epsilon-0 block of mechanism rows (both failed before ``--zero-shot`` existed)."""
+    mod = _module()
+    root = str(tmp_path)
+    _write_run(root, "sst2_eps3738_gaussian", mech="gaussian", eps=3.7382, acc=0.8211)
+    _write_run(root, "sst2_nonprivate", mech="none", eps=None, acc=0.8899)
+    d = os.path.join(root, "runs", mod.ZERO_SHOT)
+    os.makedirs(d)
+    with open(os.path.join(d, "metrics.json"), "w") as fh:
+        json.dump(
+            {
+                "run": mod.ZERO_SHOT,
+                "mechanism": "none",
+                "trained": False,
+                "target_epsilon": 0.0,
+                "epsilon_spent": 0.0,
+                "steps_taken": 0,
+                "steps_planned": 0,
+                "eval_accuracy": 0.6961,
+            },
+            fh,
+        )
+    with open(os.path.join(d, "command.txt"), "w") as fh:
+        fh.write("python benchmarks/sst2_table.py --zero-shot\nmachine: m\ndate: d\n")
+    runs = mod.load_runs(root)
+    assert {r["run"]: mod._kind(r) for r in runs}[mod.ZERO_SHOT] == "zero-shot"
+    lines = mod.table(runs).splitlines()
+    assert [x for x in lines if x.startswith("| 0 | none (zero-shot head")] and "69.61%" in lines[-1]
+    assert not [x for x in lines if x.startswith("| 0.0 |")]
+    assert next(x for x in lines if x.startswith("| inf | none (non-private) |")).count("88.99%") == 1
+
+
+def test_zero_shot_evaluates_the_model_as_built(tmp_path):
+    """``zero_shot`` trains nothing: its accuracy is that of the config's model evaluated before any step."""
+    from conftest import write_tiny_glue_run
+
+    from lap2_hf.finetune import prepare
+
+    mod = _module()
+    model_dir = write_tiny_glue_run(tmp_path, (("train", 30), ("dev", 20)))
+    cfg = {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train_file": str(tmp_path / "train.tsv"), "validation_file": str(tmp_path / "dev.tsv")},
+        "privacy": {"mechanism": "gaussian", "target_epsilon": 2.0, "expected_batch_size": 10, "seed": 1},
+        "training": {"use_cpu": True, "disable_tqdm": True, "output_dir": str(tmp_path / "out")},
+        "run": {"name": "tiny", "results_dir": str(tmp_path / "r")},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    summary = mod.zero_shot(str(path), str(tmp_path / "table"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "r").exists()  # no checkpoint, no run results
+    want = prepare(["--config", str(path)]).trainer.evaluate()
+    assert summary["eval_accuracy"] == want["eval_accuracy"] and summary["eval_loss"] == want["eval_loss"]
+    saved = json.loads((tmp_path / "table" / "runs" / mod.ZERO_SHOT / "metrics.json").read_text())
+    assert saved == summary and saved["steps_taken"] == 0 and saved["epsilon_spent"] == 0.0
