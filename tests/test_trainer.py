@@ -110,6 +110,28 @@ def test_epsilon_logged_and_within_target(tmp_path):
     assert tr.plan.delta == pytest.approx(1 / 96)
 
 
+def test_logged_grad_norm_is_the_noised_gradient(tmp_path):
+    """HF logs ``grad_norm`` by default (README: what is logged). It must be the norm of the gradient the
+    optimizer receives, noise included (a function of the private release), not of the clipped sum: at sigma
+    1000 the noise norm is far above C, which bounds the norm of the clipped mean for |B| <= expected batch."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Record(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            grads = [p.grad.flatten() for p in tr.model.parameters() if p.grad is not None]
+            seen.append(torch.cat(grads).norm().item())
+
+    tr = lap2_trainer(tmp_path, dp_mechanism="gaussian", dp_noise_multiplier=1000.0, dp_clip_norm=1.0, max_steps=2)
+    tr.add_callback(Record())
+    tr.train()
+    logged = [h["grad_norm"] for h in tr.state.log_history if "grad_norm" in h]
+    assert len(logged) == len(seen) == 2
+    assert logged == pytest.approx(seen, rel=1e-5)
+    assert min(logged) > 100.0  # noise norm about 1000 * C / 16 * sqrt(n); the clipped mean is at most 3 C here
+
+
 def test_budget_stop_before_exceeding_target(tmp_path, monkeypatch):
     """If the noise were too small for the planned steps, training stops before overspending."""
     import lap2_hf.trainer as trainer_mod
