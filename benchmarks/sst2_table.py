@@ -71,11 +71,10 @@ ZERO_SHOT = "sst2_zeroshot"
 
 def zero_shot(config: str, results_root: str) -> dict:
     """Dev accuracy of ``config``'s model as built (no step): written as ``runs/sst2_zeroshot/metrics.json``."""
-    import datetime
     import tempfile
 
     sys.path.insert(0, ROOT)
-    from lap2_hf.finetune import _machine, prepare
+    from lap2_hf.finetune import prepare, write_command
 
     with tempfile.TemporaryDirectory() as tmp:
         run = prepare(["--config", config, "--run.results_dir", tmp, "--training.output_dir", tmp])
@@ -96,10 +95,9 @@ def zero_shot(config: str, results_root: str) -> dict:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metrics.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
-    with open(os.path.join(out, "command.txt"), "w") as fh:
-        fh.write(f"python benchmarks/sst2_table.py --zero-shot --zero-shot-config {os.path.relpath(config, ROOT)}\n")
-        fh.write(f"machine: {_machine()}\n")
-        fh.write(f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n")
+    write_command(
+        out, f"python benchmarks/sst2_table.py --zero-shot --zero-shot-config {os.path.relpath(config, ROOT)}"
+    )
     return summary
 
 

@@ -379,8 +379,14 @@ def _write_results(cfg: dict, summary: dict, argv) -> None:
     argv = _redact_seed_argv(sys.argv[1:] if argv is None else list(argv), REDACTED_SEED)
     launched = "ACCELERATE_MIXED_PRECISION" in os.environ or "LOCAL_RANK" in os.environ
     launcher = "accelerate launch" if launched else "python"
+    write_command(out, f"{launcher} scripts/finetune.py {shlex.join(argv)}")
+
+
+def write_command(out: str, command: str) -> None:
+    """``<out>/command.txt``: the command, the machine and the UTC date, one line each (how every result in
+    results/ records what produced it)."""
     with open(os.path.join(out, "command.txt"), "w") as fh:
-        fh.write(f"{launcher} scripts/finetune.py {shlex.join(argv)}\n")
+        fh.write(f"{command}\n")
         fh.write(f"machine: {_machine()}\n")
         fh.write(f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n")
 
