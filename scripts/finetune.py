@@ -7,7 +7,7 @@ python scripts/finetune.py --config configs/quickstart.yaml --privacy.mechanism 
 
 import sys
 
-from lap2_hf.finetune import main
+from lap2_hf.finetune import exit_distributed_worker, main
 from lap2_hf.run_config import ConfigError
 
 if __name__ == "__main__":
@@ -18,3 +18,4 @@ if __name__ == "__main__":
         # Any other error (one inside training, a bug) keeps its traceback.
         print(f"finetune.py: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    exit_distributed_worker()

@@ -62,4 +62,7 @@ def main(out_dir: str, mechanism: str) -> None:
 
 
 if __name__ == "__main__":
+    from lap2_hf.finetune import exit_distributed_worker
+
     main(sys.argv[1], sys.argv[2])
+    exit_distributed_worker()  # skip the static destructors that still abort a worker now and then
