@@ -22,5 +22,5 @@ def test_random_roberta_base_takes_512_tokens():
     assert model.config.hidden_size == 768 and model.config.num_hidden_layers == 12
     batch = bench.make_batch(model, batch_size=1, seq_len=512, device="cpu")
     with torch.no_grad():
-        out = model(**{k: v for k, v in batch.items() if k != "labels"})
+        out = model(**bench.inputs(batch))
     assert out.logits.shape == (1, 2)
