@@ -56,6 +56,7 @@ def load_model_and_tokenizer(model_cfg: dict, num_labels: int):
     path = resolve_model_path(model_cfg["name_or_path"])
     tok_path = resolve_model_path(model_cfg.get("tokenizer") or model_cfg["name_or_path"])
     remote = bool(model_cfg.get("trust_remote_code", False))
+    overrides = config_overrides(model_cfg.get("config_overrides"), path, remote)
     pooling = model_cfg.get("pooling") or "cls"
     if pooling not in POOLINGS:
         raise ValueError(f"model.pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -63,11 +64,15 @@ def load_model_and_tokenizer(model_cfg: dict, num_labels: int):
         tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=remote)
         if pooling != "cls":
             model = MeanPoolingForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, normalize=pooling == "mean_normalized", trust_remote_code=remote
+                path,
+                num_labels=num_labels,
+                normalize=pooling == "mean_normalized",
+                trust_remote_code=remote,
+                **overrides,
             )
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, trust_remote_code=remote
+                path, num_labels=num_labels, trust_remote_code=remote, **overrides
             )
     except OSError as exc:
         raise ValueError(
@@ -105,6 +110,31 @@ def load_model_and_tokenizer(model_cfg: dict, num_labels: int):
             ),
         )
     return model, tokenizer
+
+
+def config_overrides(overrides, path: str, remote: bool) -> dict:
+    """Check ``model.config_overrides`` (attributes of the checkpoint's ``PretrainedConfig`` to set at load,
+    as HF's ``run_glue.py --config_overrides`` does) and return them as ``from_pretrained`` keyword arguments.
+
+    Only attributes the checkpoint's config already has are accepted: ``from_pretrained`` hands an unknown
+    keyword to the model's constructor (a TypeError deep inside HF) or, for some classes, ignores it."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict) or not overrides:
+        raise ValueError(f"model.config_overrides must be null or a non-empty mapping, got {overrides!r}")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    except OSError:
+        return dict(overrides)  # the model load below reports the path
+    unknown = sorted(k for k in overrides if not isinstance(k, str) or not hasattr(config, k))
+    if unknown:
+        raise ValueError(
+            f"model.config_overrides: {unknown} are not attributes of {type(config).__name__} "
+            f"(model.name_or_path={path!r})"
+        )
+    return dict(overrides)
 
 
 def select_trainable(model, trainable, frozen=None) -> None:
@@ -229,11 +259,18 @@ def main(argv: list[str] | None = None) -> dict:
     if run.trainer.is_world_process_zero():
         _write_results(run.cfg, summary, argv)
         _print_summary(run, summary)
-    # Under several processes: leave together, then tear the process group down before the interpreter exits
-    # (a gloo group left to static destructors aborts a process now and then, failing a finished run).
-    run.trainer.accelerator.wait_for_everyone()
-    run.trainer.accelerator.end_training()
+    leave_together(run.trainer.accelerator)
     return summary
+
+
+def leave_together(accelerator) -> None:
+    """Meet every process of the run, then destroy the process group (``accelerate``'s ``end_training``).
+
+    Call it when a worker is done (results written). Why: a gloo group left to the interpreter's static
+    destructors aborts a process now and then, which fails a finished run; a worker that leaves alone can also
+    tear the group down under a process still writing. In a one-process run both calls do nothing."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def exit_distributed_worker() -> None:

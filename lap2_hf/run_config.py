@@ -61,6 +61,7 @@ class ModelConfig:
     trainable: list[str] | str | None = None
     frozen: list[str] | str | None = None
     lora: dict | None = None  # LoraSettings fields
+    config_overrides: dict | None = None  # model config attributes set at load, e.g. {hidden_dropout_prob: 0.0}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ from conftest import tiny_model, toy_dataset  # noqa: E402
 from transformers import DataCollatorWithPadding  # noqa: E402
 
 from lap2_hf import Lap2Trainer, Lap2TrainingArguments  # noqa: E402
+from lap2_hf.finetune import exit_distributed_worker, leave_together  # noqa: E402
 
 
 def main(out_dir: str, mechanism: str) -> None:
@@ -55,14 +56,9 @@ def main(out_dir: str, mechanism: str) -> None:
         torch.save({n: p.detach() for n, p in model.named_parameters()}, os.path.join(out_dir, "params.pt"))
         with open(os.path.join(out_dir, "log.json"), "w") as fh:
             json.dump(trainer.state.log_history, fh)
-    # Leave together and tear the gloo group down before the interpreter exits: a group left to static
-    # destructors aborts a process now and then ("terminate called without an active exception", SIGABRT).
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    leave_together(trainer.accelerator)  # the ending scripts/finetune.py has
 
 
 if __name__ == "__main__":
-    from lap2_hf.finetune import exit_distributed_worker
-
     main(sys.argv[1], sys.argv[2])
     exit_distributed_worker()  # skip the static destructors that still abort a worker now and then

@@ -512,3 +512,39 @@ def test_bad_head_prompts_name_the_field(tiny_run, model_cfg, message):
     with pytest.raises(ValueError) as err:
         load_model_and_tokenizer({"name_or_path": str(tmp / "model"), **model_cfg}, 2)
     assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_config_overrides_reach_the_loaded_model(tiny_run, pooling):
+    """``model.config_overrides`` sets attributes of the checkpoint's config at load: the dropout rates of encoder
+    and head follow it (the tiny checkpoint has every dropout off); without it they keep the checkpoint's."""
+    import torch
+
+    from lap2_hf.finetune import load_model_and_tokenizer
+
+    tmp, _ = tiny_run
+    base = {"name_or_path": str(tmp / "model"), "pooling": pooling}
+    on = {"hidden_dropout_prob": 0.25, "attention_probs_dropout_prob": 0.125}
+    model, _ = load_model_and_tokenizer({**base, "config_overrides": on}, 2)
+    assert model.config.hidden_dropout_prob == 0.25 and model.config.attention_probs_dropout_prob == 0.125
+    rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {0.25, 0.125}
+    default, _ = load_model_and_tokenizer(base, 2)
+    assert {m.p for m in default.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"hidden_dropout": 0.0}, "model.config_overrides: ['hidden_dropout'] are not attributes of RobertaConfig"),
+        ({}, "model.config_overrides must be null or a non-empty mapping"),
+        ("hidden_dropout_prob=0", "model.config_overrides must be null or a non-empty mapping"),
+    ],
+)
+def test_bad_config_overrides_name_the_field(tiny_run, overrides, message):
+    from lap2_hf.finetune import load_model_and_tokenizer
+
+    tmp, _ = tiny_run
+    with pytest.raises(ValueError) as err:
+        load_model_and_tokenizer({"name_or_path": str(tmp / "model"), "config_overrides": overrides}, 2)
+    assert str(err.value).startswith(message)
