@@ -345,10 +345,12 @@ def summarize(run: Prepared) -> dict:
 def _print_summary(run: Prepared, summary: dict) -> None:
     plan, spent = run.trainer.plan, summary["epsilon_spent"]
     eps = "inf (non-private)" if math.isinf(spent) else f"{spent:.4f}"
+    # data.evaluate_on='holdout' evaluates on the slice held out of the training file (tuning), not on dev.
+    scored = "held-out" if (run.cfg.get("data") or {}).get("evaluate_on") == "holdout" else "dev"
     print(
         f"\n== {summary['run']}: mechanism={plan.mechanism} noise({summary['noise_meaning']})={plan.noise:.5g} "
         f"C={plan.clip_norm} | epsilon spent={eps} (delta={plan.delta:.3g}, {plan.accountant}) | "
-        f"dev accuracy={summary['eval_accuracy']:.4f} | results in {_out_dir(run.cfg)}"
+        f"{scored} accuracy={summary['eval_accuracy']:.4f} | results in {_out_dir(run.cfg)}"
     )
 
 

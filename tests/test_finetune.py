@@ -60,6 +60,20 @@ def test_end_to_end_writes_results(tiny_run):
     assert metrics["secure_rng"] is False and metrics["log_private_stats"] is False
 
 
+def test_summary_line_names_what_was_scored(tiny_run, capsys):
+    """The summary line says dev accuracy only when dev was scored: a tuning run on the held-out slice of the
+    training file says held-out accuracy (it printed "dev accuracy" before)."""
+    from lap2_hf.finetune import main
+
+    _, cfg = tiny_run
+    main(["--config", str(cfg), "--training.num_train_epochs", "1"])
+    assert "| dev accuracy=" in capsys.readouterr().out
+    main(["--config", str(cfg), "--training.num_train_epochs", "1", "--data.holdout_fraction", "0.25",
+          "--data.evaluate_on", "holdout"])  # fmt: skip
+    line = capsys.readouterr().out
+    assert "| held-out accuracy=" in line and "dev accuracy" not in line
+
+
 def test_results_never_hold_the_seed(tiny_run):
     """The seed is secret (it recomputes the noise): results/ keep the config and the command but not its value,
     also when it was given on the command line."""
