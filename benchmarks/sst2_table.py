@@ -24,6 +24,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -117,17 +118,23 @@ def load_runs(results_root: str) -> list[dict]:
 
 
 def _kind(run: dict) -> str:
-    """'main', 'seed<k>' (a repeat with other privacy and training seeds) or 'variant' (another fixed setting,
-    e.g. LoRA: ``sst2_eps3738_gaussian_<tag>``), from the run name ``sst2_eps<eps>_<mechanism>[_<suffix>]``;
+    """'main', 'seed<k>' (a repeat, with other privacy and training seeds, of the run named without the
+    ``_seed<k>`` suffix: :func:`_repeat_of`) or 'variant' (another fixed setting, e.g. LoRA:
+    ``sst2_eps3738_gaussian_<tag>``), from the run name ``sst2_eps<eps>_<mechanism>[_<tag>][_seed<k>]``;
     'zero-shot' for the untrained starting point (:func:`zero_shot`)."""
     if run.get("trained") is False:
         return "zero-shot"
     parts = run["run"].split("_")
     if len(parts) <= 3 or parts[1] == "nonprivate":
         return "main"
-    if parts[3].startswith("seed"):
-        return parts[3]
+    if re.fullmatch(r"seed\d+", parts[-1]):
+        return parts[-1]
     return "variant"
+
+
+def _repeat_of(run: dict) -> str:
+    """The run a 'seed<k>' run repeats: its name without the ``_seed<k>`` suffix."""
+    return re.sub(r"_seed\d+$", "", run["run"])
 
 
 def _variant_label(run: dict) -> str:
@@ -145,10 +152,14 @@ def _acc(r: dict | None) -> str:
 def table(runs: list[dict]) -> str:
     """The markdown table: one row per (epsilon, mechanism), repeats and the LoRA row beside it."""
     main = {(r["mechanism"], r["target_epsilon"]): r for r in runs if _kind(r) == "main"}
-    repeats: dict = {}
+    repeats: dict = {}  # run name -> its repeats with other seeds
     for r in runs:
         if _kind(r).startswith("seed"):
-            repeats.setdefault((r["mechanism"], r["target_epsilon"]), []).append(r)
+            repeats.setdefault(_repeat_of(r), []).append(r)
+
+    def other_seeds(r: dict) -> str:
+        return ", ".join(_acc(x) for x in sorted(repeats.get(r["run"], []), key=lambda x: x["run"])) or "-"
+
     lines = [
         (
             "| target epsilon | mechanism | dev accuracy | other seeds | epsilon spent | noise | steps "
@@ -167,7 +178,7 @@ def table(runs: list[dict]) -> str:
             if r is None:
                 lines.append(f"| {eps} | {mech} | (not run yet) | | | | | {ref} |")
                 continue
-            rep = ", ".join(_acc(x) for x in sorted(repeats.get((mech, eps), []), key=lambda x: x["run"])) or "-"
+            rep = other_seeds(r)
             noise = f"{'sigma' if mech == 'gaussian' else 'b/C'} = {r['noise']:.4f}"
             lines.append(
                 f"| {eps} | {mech} | {_acc(r)} | {rep} | {r['epsilon_spent']:.4f} | {noise} | "
@@ -183,7 +194,8 @@ def table(runs: list[dict]) -> str:
         noise = f"{'sigma' if r['mechanism'] == 'gaussian' else 'b/C'} = {r['noise']:.4f}"
         lines.append(
             f"| {r['target_epsilon']} | {r['mechanism']}, {_variant_label(r)} | "
-            f"{_acc(r)} | - | {r['epsilon_spent']:.4f} | {noise} | {r['steps_taken']}/{r['steps_planned']} | - |"
+            f"{_acc(r)} | {other_seeds(r)} | {r['epsilon_spent']:.4f} | {noise} | "
+            f"{r['steps_taken']}/{r['steps_planned']} | - |"
         )
     return "\n".join(lines)
 

@@ -54,6 +54,9 @@ def test_rows_repeats_and_variants(tmp_path):
         root, "sst2_eps3738_gaussian_lora", mech="gaussian", eps=3.7382, acc=0.8394, lora=True, lr=3e-3, clip=3.5
     )
     _write_run(root, "sst2_eps3738_gaussian_c10", mech="gaussian", eps=3.7382, acc=0.8383, lr=1e-3, clip=10.0)
+    lora = dict(lora=True, lr=3e-3, clip=3.5)
+    _write_run(root, "sst2_eps0538_lap2_lora", mech="lap2", eps=0.5384, acc=0.8200, **lora)
+    _write_run(root, "sst2_eps0538_lap2_lora_seed1", mech="lap2", eps=0.5384, acc=0.8100, **lora)
     runs = mod.load_runs(root)
     kinds = {r["run"]: mod._kind(r) for r in runs}
     assert kinds == {
@@ -62,6 +65,8 @@ def test_rows_repeats_and_variants(tmp_path):
         "sst2_eps0538_gaussian_seed1": "seed1",
         "sst2_eps3738_gaussian_lora": "variant",
         "sst2_eps3738_gaussian_c10": "variant",
+        "sst2_eps0538_lap2_lora": "variant",
+        "sst2_eps0538_lap2_lora_seed1": "seed1",  # a repeat of the variant (it was listed as another variant)
     }
     lines = mod.table(runs).splitlines()
     main_3738 = next(x for x in lines if x.startswith("| 3.7382 | gaussian | "))
@@ -72,6 +77,11 @@ def test_rows_repeats_and_variants(tmp_path):
     assert len(variants) == 2
     assert "full fine-tuning (n = 10,845,698, C = 10.0, lr 0.001)" in variants[0] and "83.83%" in variants[0]
     assert "LoRA adapters + head (n = 332,546, C = 3.5, lr 0.003)" in variants[1] and "83.94%" in variants[1]
+    assert all("| - |" in x.split("%")[1] for x in variants)  # no other seeds
+    lap2_lora = [x for x in lines if x.startswith("| 0.5384 | lap2, ")]
+    assert len(lap2_lora) == 1 and "| 82.00% | 81.00% |" in lap2_lora[0]  # its repeat sits in "other seeds"
+    main_lap2 = next(x for x in lines if x.startswith("| 0.5384 | lap2 | "))
+    assert "81.00%" not in main_lap2  # a variant's repeat is not the table row's repeat
 
 
 def test_zero_shot_start_is_its_own_line(tmp_path):
