@@ -117,6 +117,9 @@ def load_runs(results_root: str) -> list[dict]:
     return runs
 
 
+_SEED_SUFFIX = re.compile(r"_seed\d+$")  # a repeat's run name: <name of the run it repeats>_seed<k>
+
+
 def _kind(run: dict) -> str:
     """'main', 'seed<k>' (a repeat, with other privacy and training seeds, of the run named without the
     ``_seed<k>`` suffix: :func:`_repeat_of`) or 'variant' (another fixed setting, e.g. LoRA:
@@ -127,14 +130,13 @@ def _kind(run: dict) -> str:
     parts = run["run"].split("_")
     if len(parts) <= 3 or parts[1] == "nonprivate":
         return "main"
-    if re.fullmatch(r"seed\d+", parts[-1]):
-        return parts[-1]
-    return "variant"
+    seed = _SEED_SUFFIX.search(run["run"])
+    return seed.group()[1:] if seed else "variant"
 
 
 def _repeat_of(run: dict) -> str:
     """The run a 'seed<k>' run repeats: its name without the ``_seed<k>`` suffix."""
-    return re.sub(r"_seed\d+$", "", run["run"])
+    return _SEED_SUFFIX.sub("", run["run"])
 
 
 def _variant_label(run: dict) -> str:
